@@ -1,0 +1,26 @@
+"""Interchangeable guidance rules for diffusion sampling (pure torch; no pipeline code).
+
+Build one by class (``APG(guidance_scale=7)``) or by name (``get_guidance("apg", guidance_scale=7)``); pass a list to
+compose (``[NLG(), APG(), TAG()]``).
+"""
+
+from guidance.base import Branch, Guidance, NoiseContext, Step
+from guidance.compose import ComposedGuidance
+from guidance.registry import available_guidance, from_config, get_guidance, register, resolve_guidance
+from guidance.cfg import CFG  # noqa: E402  (registration order: CFG first, it is the reference)
+from guidance.apg import APG  # noqa: E402
+
+__all__ = [
+    "APG",
+    "CFG",
+    "Branch",
+    "ComposedGuidance",
+    "Guidance",
+    "NoiseContext",
+    "Step",
+    "available_guidance",
+    "from_config",
+    "get_guidance",
+    "register",
+    "resolve_guidance",
+]

@@ -1,0 +1,166 @@
+"""Adaptive Projected Guidance (Sadat, Hilliges, Weber, arXiv 2410.02416, ICLR 2025), Algorithm 1, in x0 space.
+
+At every guided evaluation, with the denoised predictions D_c, D_u and per-sample inner products over all non-batch
+dims:
+
+    Delta = D_c - D_u
+    M_k   = Delta + beta * M_{k-1}                  reverse momentum: a plain running sum (beta < 0), M_{-1} = 0
+    M~    = M_k * min(1, r / ||M_k||)               norm clip (r = 0: off); the buffer keeps the un-clipped M_k
+    Dpar  = <M~, D_c> / <D_c, D_c> * D_c            projection onto D_c, in float64
+    U     = (M~ - Dpar) + eta * Dpar
+    D^    = D_c + (w - 1) * U
+
+``eta = 1, r = 0, beta = 0`` is exactly CFG. The rule runs on x0 whatever the model predicts (epsilon, v, flow
+velocity), converted with the current evaluation's alpha, sigma and converted back afterwards.
+
+Relation to diffusers' ``AdaptiveProjectedGuidance`` / ``normalized_guidance`` (same ``U``, other output and space):
+
+* diffusers runs on whatever the pipeline passes (the UNet's epsilon in its SDXL pipeline), not on x0;
+* ``use_original_formulation=True`` returns ``D_c + w * U``: our ``guidance_scale = w + 1``, exact in all cases;
+* the default returns ``D_u + w * U``: with no clip and no momentum this is our rule at the same ``w`` with
+  ``eta' = (w * eta - 1) / (w - 1)`` (so its ``eta = 0`` pushes *against* the parallel part); with the clip active it
+  has no equivalent here (it collapses to D_u under strong clipping). :meth:`APG.from_diffusers` does the mapping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from guidance._validate import check_choice, check_number
+from guidance.base import Branch, Guidance, Predictions, Step
+from guidance.registry import register
+from guidance.spaces import per_sample_dot, per_sample_norm
+
+#: SDXL's r = 15 (paper, Table 10) at 4x128x128 latent elements; the default scales it by sqrt(N / 65536)
+SDXL_NORM_THRESHOLD = 15.0
+SDXL_LATENT_ELEMENTS = 4 * 128 * 128
+
+
+def clip_norm(update: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``update * min(1, threshold / ||update||)`` per sample; a zero update stays zero."""
+    norm = per_sample_norm(update.float())
+    factor = torch.clamp(threshold / norm.clamp_min(1e-12), max=1.0)
+    return update * factor.to(update.dtype)
+
+
+def project(update: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``update`` into parts parallel and orthogonal to ``onto`` per sample, in float64 (float32 on MPS)."""
+    dtype = torch.float32 if update.device.type == "mps" else torch.float64
+    v, d = update.to(dtype), onto.to(dtype)
+    unit = d / per_sample_norm(d).clamp_min(1e-12)
+    parallel = per_sample_dot(v, unit) * unit
+    return parallel.to(update.dtype), (v - parallel).to(update.dtype)
+
+
+def apg_x0(cond_x0: torch.Tensor, update: torch.Tensor, scale: float, eta: float, threshold: float) -> torch.Tensor:
+    """``D_c + (w - 1) * U`` from the (momentum-accumulated) update M, Algorithm 1 steps 3-6."""
+    if threshold > 0:
+        update = clip_norm(update, threshold)
+    parallel, orthogonal = project(update, cond_x0)
+    return cond_x0 + (scale - 1) * (orthogonal + eta * parallel)
+
+
+@register("apg")
+class APG(Guidance):
+    """Adaptive projected guidance, the paper's Algorithm 1 in x0 space (see the module docstring).
+
+    Args:
+        guidance_scale: w >= 1 in the paper's form ``D_c + (w - 1) U`` (w = 1: no guidance).
+        eta: weight of the part of the update parallel to D_c (paper default 0; 1 keeps it, as CFG does; negative
+            values push against it, as diffusers' default formulation does).
+        norm_threshold: r, an absolute L2 norm in x0 units per sample; 0 turns the clip off. ``None`` (default) uses
+            SDXL's r = 15 scaled to the sample size, ``15 * sqrt(N / 65536)`` for N elements per sample: 15 for SDXL
+            (4x128x128), 7.5 for SD 1.5 at 512 px (4x64x64), 0.47 for the 8x8 digits model. It grows like sqrt(N)
+            because the norm sums over all elements.
+        momentum: beta of the reverse momentum (paper: -0.5); 0 turns it off.
+        momentum_per: ``"evaluation"`` advances the buffer at every model evaluation (paper-literal; a Heun step
+            advances it twice) or ``"step"`` once per completed step [reconstruction: the paper does not discuss
+            second-order samplers].
+    """
+
+    required_branches = frozenset({"cond", "uncond"})
+
+    def __init__(
+        self,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        norm_threshold: float | None = None,
+        momentum: float = -0.5,
+        momentum_per: str = "evaluation",
+    ) -> None:
+        self.guidance_scale = check_number("guidance_scale", guidance_scale, low=1.0)
+        self.eta = check_number("eta", eta)
+        self.norm_threshold = None if norm_threshold is None else check_number("norm_threshold", norm_threshold, low=0)
+        self.momentum = check_number("momentum", momentum, low=-1.0, high=1.0, high_open=True)
+        self.momentum_per = check_choice("momentum_per", momentum_per, ("evaluation", "step"))
+        self.reset()
+
+    def reset(self) -> None:
+        self._buffer: torch.Tensor | None = None  # M_k of the latest evaluation, [batch, ...]
+        self._previous: torch.Tensor | None = None  # M before the current step ("step" mode, 2nd stage)
+
+    def threshold_for(self, sample: torch.Tensor) -> float:
+        """The clip radius r for samples shaped like ``sample`` (see ``norm_threshold``)."""
+        if self.norm_threshold is not None:
+            return self.norm_threshold
+        return SDXL_NORM_THRESHOLD * math.sqrt(sample[0].numel() / SDXL_LATENT_ELEMENTS)
+
+    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+        return [Branch("cond")] if self.guidance_scale == 1.0 else [Branch("uncond"), Branch("cond")]
+
+    def _accumulate(self, diff: torch.Tensor, step: Step) -> torch.Tensor:
+        """M_k = diff + beta * M_{k-1} for the rows of ``step``; the buffer keeps the whole batch."""
+        if self.momentum == 0:
+            return diff
+        if self._buffer is None:
+            shape = (step.batch_size, *diff.shape[1:])
+            self._buffer = torch.zeros(shape, dtype=diff.dtype, device=diff.device)
+        rows = slice(None) if step.rows is None else step.rows
+        advance = self.momentum_per == "evaluation" or step.first_stage
+        if advance:
+            self._previous = self._buffer
+        accumulated = diff + self.momentum * self._previous[rows]
+        if advance:
+            if step.rows is None:
+                self._buffer = accumulated
+            else:
+                self._buffer = self._previous.clone()
+                self._buffer[rows] = accumulated
+        return accumulated
+
+    def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
+        cond = preds["cond"]
+        if "uncond" not in preds:
+            return cond
+        cond_x0, uncond_x0 = step.to_x0(cond), step.to_x0(preds["uncond"])
+        update = self._accumulate(cond_x0 - uncond_x0, step)
+        guided_x0 = apg_x0(cond_x0, update, self.guidance_scale, self.eta, self.threshold_for(cond_x0))
+        return step.from_x0(guided_x0).to(cond.dtype)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        guidance_scale: float,
+        eta: float = 1.0,
+        norm_threshold: float = 0.0,
+        momentum: float | None = None,
+        use_original_formulation: bool = False,
+    ) -> APG:
+        """Our APG equivalent to diffusers' ``AdaptiveProjectedGuidance`` *formula* (the space still differs).
+
+        Raises ``ValueError`` where no equivalent exists (default formulation with clip or momentum, see the module
+        docstring).
+        """
+        beta = 0.0 if momentum is None else momentum
+        if use_original_formulation:
+            return cls(guidance_scale + 1, eta=eta, norm_threshold=norm_threshold, momentum=beta)
+        if norm_threshold > 0 or beta != 0:
+            raise ValueError(
+                "diffusers' default APG formulation (D_u + w * U) has no paper equivalent with norm_threshold > 0 "
+                "or momentum; use use_original_formulation=True or turn both off"
+            )
+        if guidance_scale == 1:
+            return cls(1.0, eta=1.0, norm_threshold=0.0, momentum=0.0)
+        return cls(guidance_scale, eta=(guidance_scale * eta - 1) / (guidance_scale - 1), norm_threshold=0.0, momentum=0.0)

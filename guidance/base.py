@@ -1,0 +1,157 @@
+"""The guidance interface: four hooks into one denoising loop (``../shared/DESIGN.md``).
+
+| hook | called | default |
+|---|---|---|
+| :meth:`Guidance.prepare_noise` | once before the loop, on unit-variance initial noise | identity |
+| :meth:`Guidance.branches` | before each model evaluation: which conditions to evaluate | ``cond`` only |
+| :meth:`Guidance.combine` | after the evaluation: one guided prediction from the branches | the ``cond`` prediction |
+| :meth:`Guidance.after_step` | after ``scheduler.step`` on every *completed* step | identity |
+
+:meth:`Guidance.reset` runs at the start of every generation, so no state leaks between calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from guidance import spaces
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One condition to evaluate: ``cond``, ``uncond`` or a labelled reference ``ref``.
+
+    ``rows`` (long indices into the batch) restricts the evaluation to some samples; ``None`` means all.
+    ``labels`` (one label id per evaluated row) selects the condition of a labelled branch from the pipeline's label
+    set (class ids, or the prompts of a text-to-image label set).
+    """
+
+    name: str
+    rows: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """Read-only record of one model evaluation, handed to every hook.
+
+    ``index`` counts *completed* sampling steps before this evaluation (so both evaluations of a Heun step share it)
+    and ``evaluation`` counts model evaluations. ``sample`` is the model input ``x = alpha * x0 + sigma * eps`` of the
+    rows this record covers (``rows``; ``None`` = the whole batch of ``batch_size``).
+    """
+
+    index: int
+    num_steps: int
+    evaluation: int
+    first_stage: bool
+    timestep: float
+    alpha: float
+    sigma: float
+    sample: torch.Tensor
+    prediction_type: str
+    batch_size: int
+    rows: torch.Tensor | None = None
+    target_labels: torch.Tensor | None = None
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def noise_level(self) -> float:
+        """Scheduler-style noise level: ``sigma / alpha`` for VP models, ``s = sigma`` for flow models."""
+        if self.prediction_type == "flow":
+            return self.sigma
+        return self.sigma / self.alpha if self.alpha > 0 else float("inf")
+
+    def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
+        """Denoised estimate of ``pred`` (float32 or better), see :mod:`guidance.spaces`."""
+        return spaces.to_x0(pred, self.sample, self.alpha, self.sigma, self.prediction_type)
+
+    def from_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model output (float32 or better) whose denoised estimate is ``x0``."""
+        return spaces.from_x0(x0, self.sample, self.alpha, self.sigma, self.prediction_type)
+
+    def select(self, rows: torch.Tensor) -> Step:
+        """The record restricted to ``rows`` (indices relative to this record's own rows)."""
+        absolute = rows if self.rows is None else self.rows[rows]
+        labels = None if self.target_labels is None else self.target_labels[rows]
+        return replace(self, sample=self.sample[rows], rows=absolute, target_labels=labels)
+
+
+class NoiseContext(Protocol):
+    """What :meth:`Guidance.prepare_noise` may use: model evaluations at the start of the schedule, and randomness."""
+
+    def step_for(self, noise: torch.Tensor) -> Step:
+        """The record of an evaluation at the schedule's first (highest) noise level with initial noise ``noise``."""
+
+    def evaluate(self, step: Step, branches: Sequence[Branch]) -> dict[str, torch.Tensor]:
+        """Evaluate ``branches`` in one batched forward (counted in the NFE)."""
+
+    def randn_like(self, noise: torch.Tensor, salt: int) -> torch.Tensor:
+        """Standard normal noise that follows the pipeline's generator(s) without consuming them."""
+
+    def has_branch(self, name: str) -> bool:
+        """Whether the pipeline can evaluate the branch ``name``."""
+
+
+Predictions = Mapping[str, torch.Tensor]
+
+
+class Guidance:
+    """Base class of every guidance rule. Subclasses override only the hooks they need.
+
+    ``name`` is the registry name. Constructor arguments must be stored under attributes of the same name: that is
+    what :meth:`config` serialises (nested guidance modules become nested dicts).
+    """
+
+    name: ClassVar[str] = ""
+    #: branches this rule may request, so a pipeline can refuse it up front when it cannot provide one
+    required_branches: ClassVar[frozenset[str]] = frozenset({"cond"})
+
+    def reset(self) -> None:
+        """Forget all per-generation state (called at the start of every generation)."""
+
+    def prepare_noise(self, noise: torch.Tensor, context: NoiseContext) -> torch.Tensor:
+        """Return the initial noise to sample from (unit variance in, unit variance out)."""
+        return noise
+
+    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+        """Branches to evaluate next, given the predictions already made at this evaluation.
+
+        The loop calls this until it returns no branch that is missing from ``preds``, so a rule may ask in two phases
+        (e.g. evaluate ``cond`` first, then pick a reference from it).
+        """
+        return [Branch("cond")]
+
+    def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
+        """The guided model output (in the model's output space) from the branch predictions."""
+        return preds["cond"]
+
+    def after_step(self, before: torch.Tensor, after: torch.Tensor, step: Step) -> torch.Tensor:
+        """Edit the scheduler sample after a completed step (``before``: the sample at the start of the step)."""
+        return after
+
+    def config(self) -> dict[str, Any]:
+        """Plain-dict configuration: ``{"name": ..., **constructor arguments}`` (JSON-serialisable where they are)."""
+        out: dict[str, Any] = {"name": self.name}
+        for param in inspect.signature(type(self).__init__).parameters.values():
+            if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            value = getattr(self, param.name)
+            out[param.name] = value.config() if isinstance(value, Guidance) else value
+        return out
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this module defines ``hook`` itself rather than inheriting the identity."""
+        return getattr(type(self), hook) is not getattr(Guidance, hook)
+
+    def uses(self, hook: str) -> bool:
+        """Whether running this guidance involves ``hook`` (the loop skips unused ``prepare_noise`` work)."""
+        return self.overrides(hook)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,88 @@
+"""Affine maps between a model's output and the denoised estimate x0 (``../shared/methods/spaces.md`` §2).
+
+Everything is written on the *model input* ``x`` (what the network received), with per-evaluation scalars
+``alpha`` and ``sigma`` such that ``x = alpha * x0 + sigma * eps``:
+
+* VP schedulers (DDIM, DDPM, DPM-Solver, UniPC): ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``;
+* Euler-type (VE sample ``x_ve = x0 + s * eps``, model input ``x = x_ve / sqrt(s^2 + 1)``):
+  ``alpha = 1 / sqrt(s^2 + 1)``, ``sigma = s * alpha``;
+* rectified flow (SD3): ``x = (1 - s) * x0 + s * eps``, so ``alpha = 1 - s``, ``sigma = s``; the output is the
+  velocity ``u = eps - x0``.
+
+| prediction type | x0 from the output p | output from x0 |
+|---|---|---|
+| ``epsilon`` | (x - sigma p) / alpha | (x - alpha x0) / sigma |
+| ``v_prediction`` | alpha x - sigma p | (alpha x - x0) / sigma |
+| ``sample`` | p | x0 |
+| ``flow`` | x - sigma p | (x - x0) / sigma |
+
+All arithmetic runs in float32 or better (:func:`compute_dtype`); callers cast the result back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+MIN_COEFFICIENT = 1e-6
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything narrower is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _guard(name: str, value: float, prediction_type: str, direction: str) -> None:
+    if value < MIN_COEFFICIENT:
+        raise ValueError(
+            f"cannot convert a {prediction_type!r} prediction {direction} x0 at {name}={value:.3g} "
+            f"(must be >= {MIN_COEFFICIENT}); this happens at the first step of zero-terminal-SNR schedules "
+            "(epsilon models) or at the last step of a schedule that ends at sigma=0"
+        )
+
+
+def to_x0(pred: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction_type: str) -> torch.Tensor:
+    """Denoised estimate x0 from the model output ``pred`` at model input ``x`` (table in the module docstring)."""
+    dtype = compute_dtype(pred.dtype)
+    p, x = pred.to(dtype), x.to(dtype)
+    if prediction_type == "epsilon":
+        _guard("alpha", alpha, prediction_type, "to")
+        return (x - sigma * p) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * p
+    if prediction_type == "sample":
+        return p
+    if prediction_type == "flow":
+        return x - sigma * p
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def from_x0(x0: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction_type: str) -> torch.Tensor:
+    """Model output that corresponds to the denoised estimate ``x0`` at model input ``x`` (inverse of :func:`to_x0`)."""
+    dtype = compute_dtype(x0.dtype)
+    x0, x = x0.to(dtype), x.to(dtype)
+    if prediction_type == "sample":
+        return x0
+    _guard("sigma", sigma, prediction_type, "from")
+    if prediction_type == "epsilon":
+        return (x - alpha * x0) / sigma
+    if prediction_type == "v_prediction":
+        return (alpha * x - x0) / sigma
+    if prediction_type == "flow":
+        return (x - x0) / sigma
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def batch_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    """All non-batch dims: reductions are per sample over these (spaces.md §6.9)."""
+    return tuple(range(1, tensor.ndim))
+
+
+def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """L2 norm per sample over all non-batch dims, shaped ``[B, 1, ..., 1]`` for broadcasting."""
+    return torch.linalg.vector_norm(tensor, dim=batch_dims(tensor), keepdim=True)
+
+
+def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Inner product per sample over all non-batch dims, shaped ``[B, 1, ..., 1]``."""
+    return (a * b).sum(dim=batch_dims(a), keepdim=True)

@@ -1,0 +1,19 @@
+"""diffusers integration: the one guided denoising loop and thin subclasses of diffusers' pipelines."""
+
+from pipelines.class_conditional import GuidedClassConditionalPipeline
+from pipelines.common import GuidedPipelineOutput
+from pipelines.conditioning import BranchConditioning
+from pipelines.loop import LoopResult, denoise
+from pipelines.stable_diffusion import GuidedStableDiffusionPipeline
+from pipelines.schedulers import SchedulerAdapter, scheduler_family
+
+__all__ = [
+    "BranchConditioning",
+    "GuidedClassConditionalPipeline",
+    "GuidedPipelineOutput",
+    "GuidedStableDiffusionPipeline",
+    "LoopResult",
+    "SchedulerAdapter",
+    "denoise",
+    "scheduler_family",
+]

@@ -1,0 +1,200 @@
+"""Guided sampling for class-conditional models: ``UNet2DModel`` with ``num_class_embeds`` or ``DiTTransformer2DModel``.
+
+The unconditional branch is a reserved *null* label (``null_class_label``): ``UNet2DModel`` has no unconditional path
+of its own, so a model trained with label dropout keeps one embedding row for it; for DiT it is
+``num_embeds_ada_norm`` (the embedding row the model learned with class dropout). Labelled reference branches (GFCG)
+use the class ids themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance, scheduler_step_kwargs
+from pipelines.conditioning import BranchConditioning
+from pipelines.loop import denoise
+
+
+class GuidedClassConditionalPipeline(DiffusionPipeline):
+    """Class-conditional sampling with any guidance (``guidance=`` a module, a registered name or a list).
+
+    Args:
+        scheduler: any supported diffusers scheduler (see :mod:`pipelines.schedulers`).
+        unet: a ``UNet2DModel`` with class embeddings (pixel space unless a ``vae`` is given), or
+        transformer: a ``DiTTransformer2DModel`` (latent space; needs ``vae``).
+        vae: optional ``AutoencoderKL`` for latent models.
+        null_class_label: the label id of the unconditional branch (``None``: DiT's null row, or no unconditional
+            branch for a UNet).
+        id2label: optional class names, so labels may be given by name.
+    """
+
+    model_cpu_offload_seq = "transformer->unet->vae"
+    _optional_components = ["unet", "transformer", "vae"]
+
+    def __init__(
+        self,
+        scheduler: Any,
+        unet: Any = None,
+        transformer: Any = None,
+        vae: Any = None,
+        null_class_label: int | None = None,
+        id2label: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("GuidedClassConditionalPipeline needs exactly one of unet= or transformer=")
+        if transformer is not None and vae is None:
+            raise ValueError("a DiT transformer works in latent space: pass its vae=")
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae)
+        if null_class_label is None and transformer is not None and transformer.config.get("class_dropout_prob", 0) > 0:
+            null_class_label = int(transformer.config.num_embeds_ada_norm)
+        self.register_to_config(null_class_label=null_class_label, id2label=id2label)
+
+    @property
+    def denoiser(self) -> Any:
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes (the null label excluded)."""
+        if self.unet is not None:
+            total = int(self.unet.config.num_class_embeds or 0)
+            return total - 1 if self.config.null_class_label is not None else total
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    def class_ids(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
+        """Class ids from ids or names (``id2label``); ``ValueError`` for anything outside the classes."""
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        names = {v: int(k) for k, v in (self.config.id2label or {}).items()}
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str) and label in names:
+                label = names[label]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.num_classes:
+                known = f" or one of {sorted(names)}" if names else ""
+                raise ValueError(f"class_labels must be ints in [0, {self.num_classes - 1}]{known}; got {label!r}")
+            ids.append(label)
+        if not ids:
+            raise ValueError("class_labels must not be empty")
+        return ids
+
+    def _model_fn(self) -> Callable[..., torch.Tensor]:
+        if self.unet is not None:
+            unet = self.unet
+
+            def unet_fn(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+                out = unet(x.to(unet.dtype), t, class_labels=class_labels, return_dict=False)[0]
+                return out[:, : x.shape[1]]
+
+            return unet_fn
+        transformer = self.transformer
+
+        def dit_fn(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+            timesteps = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+            out = transformer(x.to(transformer.dtype), timestep=timesteps, class_labels=class_labels).sample
+            return out[:, : x.shape[1]]  # drop learned-variance channels
+
+        return dit_fn
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixels) -> pixels in [-1, 1], float32."""
+        if self.vae is None:
+            return latents.float()
+        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        return image.float()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        guidance: Any = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt: Any = None,
+    ) -> GuidedPipelineOutput | tuple[Any, ...]:
+        """Sample one image per entry of ``class_labels`` (ids or ``id2label`` names).
+
+        ``guidance=None`` is CFG at ``guidance_scale`` (default 4.0; 1.0 is unguided conditional sampling).
+        ``output_type``: ``"pil"``, ``"np"`` (HWC in [0, 1]), ``"pt"`` (CHW in [0, 1]) or ``"latent"``.
+        """
+        if prompt is not None:
+            raise ValueError("this is a class-conditional model: pass class_labels=, not prompt=")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        check_steps(num_inference_steps)
+        rule = pipeline_guidance(guidance, guidance_scale, default_scale=4.0)
+        ids = self.class_ids(class_labels)
+        device = self._execution_device
+        batch = len(ids)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"generator list has {len(generator)} entries for {batch} images")
+
+        labels = torch.tensor(ids, device=device)
+        branches = {"cond": {"class_labels": labels}}
+        if self.config.null_class_label is not None:
+            branches["uncond"] = {"class_labels": torch.full_like(labels, self.config.null_class_label)}
+        conditioning = BranchConditioning(
+            branches, label_set={"class_labels": torch.arange(self.num_classes, device=device)}, target_labels=labels
+        )
+
+        if timesteps is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        config = self.denoiser.config
+        shape = (batch, config.in_channels, config.sample_size, config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.denoiser.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+        def on_step_end(i: int, t: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+            if callback_on_step_end is None:
+                return current
+            outputs = callback_on_step_end(self, i, t, {"latents": current})
+            return outputs.pop("latents", current)
+
+        with self.progress_bar(total=num_inference_steps) as progress:
+            result = denoise(
+                model_fn=self._model_fn(),
+                scheduler=self.scheduler,
+                timesteps=self.scheduler.timesteps,
+                latents=latents,
+                guidance=rule,
+                conditioning=conditioning,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
+                extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
+                decode=self._decode,
+                on_step_end=on_step_end,
+                progress=progress,
+            )
+
+        if output_type == "latent":
+            images: Any = result.latents
+        else:
+            pixels = (self._decode(result.latents) / 2 + 0.5).clamp(0, 1)
+            images = pixels.cpu() if output_type == "pt" else pixels.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, result.nfe)
+        return GuidedPipelineOutput.from_loop(images, result)

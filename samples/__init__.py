@@ -1,0 +1,1 @@
+"""User-facing tools and the embedded default model (8x8 digits)."""

@@ -1,0 +1,499 @@
+"""Train the embedded default model: a class-conditional 8x8 digit diffusion model and two classifiers.
+
+Run ``python -m samples.train_digits [--out samples/weights] [--seed 0] [--steps N] [--quick]``. Everything is
+seeded and runs on 2 CPU threads; the full run takes well under 15 minutes on 2 cores. It writes:
+
+* ``digits/`` and ``digits-weak/``: diffusers pipeline folders (``unet/``, ``scheduler/``, ``model_index.json``)
+  for a class-conditional ``UNet2DModel`` (label 10 is the null label used for the unconditional branch of
+  classifier-free guidance) and for an early EMA snapshot of the same training run, chosen by measurement so
+  that its conditional samples are recognisably weaker (class accuracy near ``WEAK_TARGET_ACCURACY``);
+* ``classifier/`` (the guidance classifier) and ``evaluator/`` (the evaluation network);
+* ``MODEL_CARD.md`` with the settings, timings and quality metrics measured on the saved weights.
+
+``--quick`` trains tiny versions with few steps (for smoke tests) and writes to a temporary folder unless
+``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from samples.digits_data import NUM_CLASSES, SPLIT_SEED, TEST_FRACTION, DigitsSplit, load_digits_split
+from samples.digits_nets import DigitClassifier, DigitEvaluator, load_classifier, load_evaluator, save_network
+from samples.metrics import frechet_distance
+
+NULL_LABEL = NUM_CLASSES
+NUM_THREADS = 2
+WEAK_TARGET_ACCURACY = 0.96
+
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "num_class_embeds": NULL_LABEL + 1,
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+}
+QUICK_UNET_CONFIG: dict[str, Any] = {**UNET_CONFIG, "block_out_channels": (8, 16, 16)}
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+
+@dataclass
+class Settings:
+    """Everything the run depends on besides the seed (recorded in the model card)."""
+
+    diffusion_steps: int = 3000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    p_uncond: float = 0.15
+    weak_candidates: tuple[int, ...] = (200, 300, 400, 500, 600, 800, 1000, 1200, 1500)
+    unet_config: dict[str, Any] = field(default_factory=lambda: dict(UNET_CONFIG))
+    classifier_steps: int = 1500
+    evaluator_steps: int = 1500
+    samples_per_class: int = 100
+    inference_steps: int = 50
+    oversaturated_scale: float = 8.0
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        """Tiny settings for smoke tests: minutes become seconds, the metrics become meaningless."""
+        return cls(
+            diffusion_steps=40,
+            batch_size=32,
+            warmup_steps=5,
+            weak_candidates=(10, 20),
+            unet_config=dict(QUICK_UNET_CONFIG),
+            classifier_steps=30,
+            evaluator_steps=30,
+            samples_per_class=4,
+            inference_steps=5,
+        )
+
+
+@dataclass
+class DiffusionRun:
+    """The EMA model after training, EMA state dicts at the snapshot steps, and the training time."""
+
+    unet: UNet2DModel
+    snapshots: dict[int, dict[str, torch.Tensor]]
+    seconds: float
+
+
+def make_scheduler() -> DDPMScheduler:
+    """The training noise schedule (1000 steps, cosine ``squaredcos_cap_v2``, epsilon, ``clip_sample=False``)."""
+    return DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """Learning-rate factor: linear warm-up, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for every parameter."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+
+
+def train_diffusion(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    seed: int,
+    settings: Settings | None = None,
+    snapshot_steps: tuple[int, ...] = (),
+    progress: bool = True,
+) -> DiffusionRun:
+    """Train a class-conditional epsilon-prediction ``UNet2DModel`` on ``images`` and return its EMA.
+
+    Labels are replaced by ``NULL_LABEL`` with probability ``settings.p_uncond`` so that the same network also
+    predicts the unconditional noise. All randomness comes from ``seed``, so two runs give identical weights.
+    The EMA decay warms up as ``min(ema_decay, (1 + step) / (10 + step))``; its state is copied at
+    ``snapshot_steps`` (counted after the update, 1-based).
+    """
+    settings = settings or Settings()
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**settings.unet_config)
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    scheduler = make_scheduler()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, settings.warmup_steps))
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="diffusion", disable=not progress)
+    for step in bar:
+        index = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
+        clean, cond = images[index], labels[index].clone()
+        cond[torch.rand(settings.batch_size, generator=generator) < settings.p_uncond] = NULL_LABEL
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (settings.batch_size,), generator=generator)
+        noise = torch.randn(clean.shape, generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        loss = F.mse_loss(unet(noisy, timesteps, class_labels=cond).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        ema_update(ema, unet, min(settings.ema_decay, (1 + step) / (10 + step)))
+        if step + 1 in snapshot_steps:
+            snapshots[step + 1] = {name: tensor.clone() for name, tensor in ema.state_dict().items()}
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return DiffusionRun(unet=ema, snapshots=snapshots, seconds=time.perf_counter() - start)
+
+
+def random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by -1, 0 or +1 pixel in each direction, filling with the background value -1."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (1, 1, 1, 1), value=-1.0)
+    offset_y, offset_x = torch.randint(0, 3, (2, batch, 1), generator=generator)
+    rows = (offset_y + torch.arange(height))[:, :, None]
+    cols = (offset_x + torch.arange(width))[:, None, :]
+    return padded[torch.arange(batch)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+def train_classifier(
+    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int, progress: bool = True
+) -> nn.Module:
+    """Train ``net`` with cross-entropy, random 1-pixel shifts, AdamW and cosine decay; return it frozen in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps // 20))
+    net.train()
+    bar = tqdm(range(steps), desc=type(net).__name__, disable=not progress)
+    for step in bar:
+        index = torch.randint(0, len(images), (128,), generator=generator)
+        loss = F.cross_entropy(net(random_shift(images[index], generator)), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of ``images`` whose argmax logit is the label."""
+    return (net(images).argmax(dim=1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def sample_cfg(
+    unet: UNet2DModel,
+    scheduler_config: dict[str, Any],
+    labels: torch.Tensor,
+    scale: float,
+    *,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    chunk: int = 250,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) samples with plain classifier-free guidance, unclipped.
+
+    ``eps = eps_u + scale * (eps_c - eps_u)`` with ``eps_u`` from ``NULL_LABEL``; the two branches share one
+    batched forward (at ``scale == 1`` only the conditional branch is evaluated). Returns ``[N, 1, 8, 8]``.
+    """
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    size = unet.config.sample_size
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn((len(labels), unet.config.in_channels, size, size), generator=generator)
+    sample = sample * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = torch.cat([_guided_eps(unet, x, t, y, scale) for x, y in zip(sample.split(chunk), labels.split(chunk))])
+        sample = scheduler.step(eps, t, sample).prev_sample
+    return sample
+
+
+def _guided_eps(unet: UNet2DModel, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float):
+    if scale == 1.0:
+        return unet(sample, t, class_labels=labels).sample
+    null = torch.full_like(labels, NULL_LABEL)
+    eps_c, eps_u = unet(torch.cat([sample, sample]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> None:
+    """Write a diffusers pipeline folder for ``pipelines.GuidedClassConditionalPipeline`` (UNet stored as fp16)."""
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    weights = folder / "unet" / SAFETENSORS_WEIGHTS_NAME
+    save_file({name: tensor.half() for name, tensor in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "GuidedClassConditionalPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "transformer": [None, None],
+        "vae": [None, None],
+        "null_class_label": NULL_LABEL,
+        "id2label": {str(label): str(label) for label in range(NUM_CLASSES)},
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_unet(folder: Path) -> UNet2DModel:
+    """The UNet of a saved pipeline folder, in float32, eval mode, frozen."""
+    return UNet2DModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval().requires_grad_(False)
+
+
+@dataclass
+class SampleMetrics:
+    """Quality of samples at one guidance scale, measured with the evaluation network."""
+
+    accuracy: float
+    fd_test: float
+    outside: float
+    outside_margin: float
+
+
+SATURATION_MARGIN = 0.1
+
+
+def measure_samples(
+    unet: UNet2DModel, evaluator: DigitEvaluator, test_features: torch.Tensor, scale: float, settings: Settings
+) -> SampleMetrics:
+    """Sample ``samples_per_class`` images per class (seed 0) and measure them.
+
+    Class accuracy and FD-digits (against the held-out features) use the samples clamped to [-1, 1] as they
+    would be shown; the saturation fractions use the raw samples: pixels outside [-1, 1], and pixels more than
+    ``SATURATION_MARGIN`` outside it.
+    """
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(settings.samples_per_class)
+    raw = sample_cfg(unet, make_scheduler().config, labels, scale, num_inference_steps=settings.inference_steps)
+    shown = raw.clamp(-1.0, 1.0)
+    with torch.no_grad():
+        features = evaluator.features(shown)
+    return SampleMetrics(
+        accuracy=accuracy(evaluator, shown, labels),
+        fd_test=frechet_distance(features, test_features),
+        outside=(raw.abs() > 1.0).float().mean().item(),
+        outside_margin=(raw.abs() > 1.0 + SATURATION_MARGIN).float().mean().item(),
+    )
+
+
+def choose_weak(
+    run: DiffusionRun, evaluator: DigitEvaluator, test_features: torch.Tensor, settings: Settings, scratch: Path
+) -> tuple[int, dict[int, SampleMetrics]]:
+    """Measure every EMA snapshot at scale 1 (after an fp16 round trip) and pick the one whose class accuracy is
+    closest to ``WEAK_TARGET_ACCURACY``."""
+    measured: dict[int, SampleMetrics] = {}
+    for step, state in sorted(run.snapshots.items()):
+        candidate = UNet2DModel.from_config(run.unet.config)
+        candidate.load_state_dict(state)
+        save_pipeline(candidate, make_scheduler(), scratch / f"snapshot-{step}")
+        measured[step] = measure_samples(load_unet(scratch / f"snapshot-{step}"), evaluator, test_features, 1.0, settings)
+        print(f"  snapshot {step}: class accuracy at scale 1 = {measured[step].accuracy:.3f}")
+    weak_step = min(measured, key=lambda step: (abs(measured[step].accuracy - WEAK_TARGET_ACCURACY), step))
+    return weak_step, measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: train, save, measure and write the model card."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: samples/weights)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="diffusion training steps (default 3000)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test run")
+    args = parser.parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    if args.steps is not None:
+        settings.diffusion_steps = args.steps
+    out = args.out or (Path(tempfile.mkdtemp(prefix="digits-quick-")) if args.quick else Path(__file__).parent / "weights")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(NUM_THREADS)
+    started = time.perf_counter()
+    data = load_digits_split()
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed + 1)
+    classifier = train_classifier(
+        DigitClassifier(), data.train_images, data.train_labels, steps=settings.classifier_steps, seed=args.seed + 1
+    )
+    save_network(classifier, out / "classifier")
+    timings["classifier"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed + 2)
+    evaluator = train_classifier(
+        DigitEvaluator(), data.train_images, data.train_labels, steps=settings.evaluator_steps, seed=args.seed + 2
+    )
+    save_network(evaluator, out / "evaluator")
+    timings["evaluator"] = time.perf_counter() - t0
+    classifier, evaluator = load_classifier(out / "classifier"), load_evaluator(out / "evaluator")
+    real = {
+        "classifier_test_accuracy": accuracy(classifier, data.test_images, data.test_labels),
+        "evaluator_test_accuracy": accuracy(evaluator, data.test_images, data.test_labels),
+        "evaluator_train_accuracy": accuracy(evaluator, data.train_images, data.train_labels),
+    }
+    with torch.no_grad():
+        test_features, train_features = evaluator.features(data.test_images), evaluator.features(data.train_images)
+    real["fd_test_vs_train"] = frechet_distance(test_features, train_features)
+    print(json.dumps(real, indent=2))
+
+    candidates = tuple(step for step in settings.weak_candidates if step < settings.diffusion_steps)
+    run = train_diffusion(
+        data.train_images, data.train_labels, steps=settings.diffusion_steps, seed=args.seed, settings=settings,
+        snapshot_steps=candidates,
+    )
+    timings["diffusion"] = run.seconds
+    save_pipeline(run.unet, make_scheduler(), out / "digits")
+    unet = load_unet(out / "digits")
+
+    t0 = time.perf_counter()
+    strong = {scale: measure_samples(unet, evaluator, test_features, scale, settings) for scale in (1.0, settings.oversaturated_scale)}
+    with tempfile.TemporaryDirectory() as scratch:
+        weak_step, weak = choose_weak(run, evaluator, test_features, settings, Path(scratch))
+    weak_unet = UNet2DModel.from_config(run.unet.config)
+    weak_unet.load_state_dict(run.snapshots[weak_step])
+    save_pipeline(weak_unet, make_scheduler(), out / "digits-weak")
+    timings["sampling_metrics"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+
+    report = {
+        "seed": args.seed,
+        **real,
+        "strong": {str(scale): vars(metrics) for scale, metrics in strong.items()},
+        "weak_step": weak_step,
+        "weak_candidates": {str(step): metrics.accuracy for step, metrics in weak.items()},
+        "weak": vars(weak[weak_step]),
+        "timings_s": timings,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+    }
+    print(json.dumps(report, indent=2))
+    (out / "MODEL_CARD.md").write_text(model_card(report, settings, data))
+    print(f"wrote {out}")
+
+
+def model_card(report: dict[str, Any], settings: Settings, data: DigitsSplit) -> str:
+    """The markdown model card for ``report`` (see :func:`main`)."""
+    s1, s8 = report["strong"]["1.0"], report["strong"][str(settings.oversaturated_scale)]
+    scale8 = f"{settings.oversaturated_scale:g}"
+    n_samples = settings.samples_per_class * NUM_CLASSES
+    unet = settings.unet_config
+    t = report["timings_s"]
+    candidates = ", ".join(f"{step}: {acc:.3f}" for step, acc in report["weak_candidates"].items())
+    return f"""# Embedded default model: 8x8 digits
+
+Trained by `python -m samples.train_digits --seed {report['seed']}` (diffusers {diffusers.__version__},
+torch {torch.__version__}, {NUM_THREADS} CPU threads). Every number below was measured by that run on the saved
+weights.
+
+## Data
+
+scikit-learn's bundled `load_digits` (1,797 8x8 grey-level handwritten digits, 10 classes, no download).
+Pixels in [0, 16] are mapped to [-1, 1] by `x / 8 - 1`. Fixed split (`samples/digits_data.py`):
+`train_test_split(test_size={TEST_FRACTION}, stratify=labels, random_state={SPLIT_SEED})` gives
+{len(data.train_labels)} training and {len(data.test_labels)} held-out images. All networks saw the training
+split only.
+
+## Contents
+
+| folder | what |
+|---|---|
+| `digits/` | class-conditional diffusion pipeline (`unet/`, `scheduler/`, `model_index.json`), EMA weights after {settings.diffusion_steps} steps |
+| `digits-weak/` | the same model's EMA snapshot after {report['weak_step']} steps: deliberately weaker |
+| `classifier/` | `DigitClassifier`, the guidance classifier (GFCG) |
+| `evaluator/` | `DigitEvaluator`, the evaluation network (class accuracy, FD-digits features) |
+
+UNets are stored in float16 (the files stay small) and load as float32; the metrics were measured after that
+round trip.
+
+## Diffusion model
+
+- `UNet2DModel`: sample size 8, 1 channel, `block_out_channels={tuple(unet['block_out_channels'])}`,
+  `layers_per_block={unet['layers_per_block']}`, down blocks `{', '.join(unet['down_block_types'])}`, up blocks
+  `{', '.join(unet['up_block_types'])}`, `norm_num_groups={unet['norm_num_groups']}`,
+  `num_class_embeds={unet['num_class_embeds']}`; {report['parameters']:,} parameters.
+- Class labels 0-9; label **{NULL_LABEL} is the null label** (the unconditional branch of classifier-free guidance).
+  During training each label is replaced by {NULL_LABEL} with probability {settings.p_uncond}.
+- Epsilon prediction, `DDPMScheduler` with 1000 steps, `beta_schedule="squaredcos_cap_v2"`,
+  `clip_sample=False` (clipping x0 would hide the overshoot that guidance methods such as APG correct).
+- {settings.diffusion_steps} steps, batch {settings.batch_size}, AdamW lr {settings.learning_rate:g} with
+  {settings.warmup_steps} warm-up steps and cosine decay, EMA decay {settings.ema_decay}
+  (warm-up `min(decay, (1+step)/(10+step))`), no augmentation, seed {report['seed']}.
+- The weak checkpoint is the EMA snapshot (candidates: steps {', '.join(map(str, report['weak_candidates']))})
+  whose class accuracy at scale 1 is closest to {WEAK_TARGET_ACCURACY:.0%}.
+
+## Classifiers
+
+Both trained with cross-entropy, random 1-pixel shifts, AdamW (lr 2e-3, weight decay 1e-4, cosine decay),
+batch 128.
+
+| network | architecture | steps | seed | held-out accuracy |
+|---|---|---|---|---|
+| `DigitClassifier` | 3 conv layers (32, 64, 64 channels, SiLU), global average pool, linear | {settings.classifier_steps} | {report['seed'] + 1} | {report['classifier_test_accuracy']:.2%} |
+| `DigitEvaluator` | 2 x (conv, conv, max-pool) with 48 and 96 channels (ReLU), dense 64-d features, linear | {settings.evaluator_steps} | {report['seed'] + 2} | {report['evaluator_test_accuracy']:.2%} |
+
+## Quality
+
+Sampling: DDIM ({settings.inference_steps} steps, eta 0, built `from_config` of the saved scheduler), plain CFG
+`eps = eps_u + w (eps_c - eps_u)`, {n_samples} samples ({settings.samples_per_class} per class), noise seed 0.
+Class accuracy and FD use the samples clamped to [-1, 1]; saturation uses the raw samples. FD-digits is the
+Frechet distance between `DigitEvaluator.features` (64-d) of two image sets.
+
+| metric | value |
+|---|---|
+| evaluator accuracy, held-out real digits | {report['evaluator_test_accuracy']:.2%} |
+| evaluator accuracy, training digits | {report['evaluator_train_accuracy']:.2%} |
+| class accuracy of `digits` samples, w = 1 | {s1['accuracy']:.2%} |
+| class accuracy of `digits-weak` samples, w = 1 | {report['weak']['accuracy']:.2%} |
+| FD-digits, held-out vs training digits (reference) | {report['fd_test_vs_train']:.3f} |
+| FD-digits, `digits` samples (w = 1) vs held-out digits | {s1['fd_test']:.3f} ({s1['fd_test'] / report['fd_test_vs_train']:.2f}x the reference) |
+| FD-digits, `digits-weak` samples (w = 1) vs held-out digits | {report['weak']['fd_test']:.3f} |
+| FD-digits, `digits` samples (w = {scale8}) vs held-out digits | {s8['fd_test']:.3f} |
+| class accuracy of `digits` samples, w = {scale8} | {s8['accuracy']:.2%} |
+| pixels outside [-1, 1], w = 1 | {s1['outside']:.2%} |
+| pixels outside [-1, 1], w = {scale8} | {s8['outside']:.2%} ({s8['outside'] / max(s1['outside'], 1e-12):.1f}x) |
+| pixels more than {SATURATION_MARGIN} outside [-1, 1], w = 1 | {s1['outside_margin']:.2%} |
+| pixels more than {SATURATION_MARGIN} outside [-1, 1], w = {scale8} | {s8['outside_margin']:.2%} |
+
+Weak-snapshot candidates (EMA step: class accuracy at w = 1): {candidates}.
+
+## Training time
+
+Classifier {t['classifier']:.0f} s, evaluator {t['evaluator']:.0f} s, diffusion model {t['diffusion']:.0f} s,
+sampling and metrics {t['sampling_metrics']:.0f} s; total {t['total'] / 60:.1f} min on {NUM_THREADS} CPU threads.
+"""
+
+
+if __name__ == "__main__":
+    main()
