@@ -49,7 +49,7 @@ class Step:
     num_steps: int
     evaluation: int
     first_stage: bool
-    timestep: float
+    timestep: torch.Tensor
     alpha: float
     sigma: float
     sample: torch.Tensor
