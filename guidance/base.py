@@ -58,6 +58,8 @@ class Step:
     rows: torch.Tensor | None = None
     target_labels: torch.Tensor | None = None
     decode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    #: size of the pipeline's label set (the labels a ``ref`` branch may ask for); 0 without one
+    num_labels: int = 0
 
     @property
     def noise_level(self) -> float:

@@ -151,6 +151,7 @@ class _LoopState:
             batch_size=self.batch_size,
             target_labels=self.conditioning.target_labels,
             decode=self.decode,
+            num_labels=self.conditioning.num_labels,
         )
 
 
@@ -160,7 +161,8 @@ def check_branches(guidance: Guidance, conditioning: BranchConditioning) -> None
     if missing:
         raise ValueError(
             f"guidance {guidance!r} needs the branch(es) {missing}, which this pipeline cannot provide "
-            "(e.g. 'uncond' needs a null/negative condition, 'ref' needs a label set)"
+            "(e.g. 'uncond' needs a null/negative condition; 'ref' needs a label set: the class ids of a "
+            "class-conditional pipeline, or label_prompts= with target_labels= for a text-to-image pipeline)"
         )
 
 
