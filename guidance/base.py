@@ -133,7 +133,11 @@ class Guidance:
         return preds["cond"]
 
     def after_step(self, before: torch.Tensor, after: torch.Tensor, step: Step) -> torch.Tensor:
-        """Edit the scheduler sample after a completed step (``before``: the sample at the start of the step)."""
+        """Edit the scheduler sample after a completed step (``before``: the sample at the start of the step).
+
+        ``step`` is the record of the evaluation that began the step (its first stage), so ``step.timestep`` is where
+        the step started also for two-stage schedulers such as Heun.
+        """
         return after
 
     def config(self) -> dict[str, Any]:

@@ -218,13 +218,15 @@ def denoise(
             step_start = latents
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         step = state.step(i, model_input, i, first_stage, completed)
+        if first_stage:
+            start_record = step  # after_step sees the record of the evaluation that began the step
         evaluated: dict[str, int] = {}
         preds = evaluate_until_complete(guidance, step, state.evaluator, evaluated)
         state.trace.append({"step": completed, "evaluation": i, "branches": evaluated})
         guided = guidance.combine(preds, step).to(preds["cond"].dtype)
         latents = scheduler.step(guided, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
         if adapter.step_completed(i):
-            latents = guidance.after_step(step_start, latents, step)
+            latents = guidance.after_step(step_start, latents, start_record)
             completed += 1
             if progress is not None:
                 progress.update()
