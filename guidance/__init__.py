@@ -9,9 +9,11 @@ from guidance.compose import ComposedGuidance
 from guidance.registry import available_guidance, from_config, get_guidance, register, resolve_guidance
 from guidance.cfg import CFG  # noqa: E402  (registration order: CFG first, it is the reference)
 from guidance.apg import APG  # noqa: E402
+from guidance.adaptive import AdaptiveGuidance  # noqa: E402
 
 __all__ = [
     "APG",
+    "AdaptiveGuidance",
     "CFG",
     "Branch",
     "ComposedGuidance",

@@ -1,0 +1,208 @@
+"""Adaptive Guidance (Castillo et al., arXiv 2312.12487): stop evaluating the unconditional branch once it stops mattering.
+
+At every CFG step k the rule measures, per sample, the cosine similarity of the conditional and unconditional
+predictions over all non-batch elements (in float32 or better),
+
+    gamma_k = <p_c, p_u> / (||p_c|| ||p_u||),          p = x0 prediction (``space="x0"``, default) or raw output,
+
+and runs the wrapped rule (CFG, APG, ...) unchanged while ``gamma_k < threshold``. Once ``gamma_k >= threshold``
+(for every sample with ``reduce="all"``; sample by sample with ``reduce="per-sample"``) a one-way latch switches the
+remaining steps ``k+1 ... T-1`` to conditional-only steps (``out = out_c``, 1 NFE per sample): a switch after step k
+costs ``T + k + 1`` network evaluations instead of ``2T``.
+
+Decisions are made only at step boundaries: ``gamma`` is measured on the first evaluation of a step and the latch
+takes effect from the next *completed* step (``Step.index``), so both evaluations of a Heun step use one policy.
+
+The statistic is computed on x0 predictions by default: for epsilon models ``cos(eps_c, eps_u)`` is ~1 from the
+first step (``eps ~ x / sigma`` at high noise), so a threshold such as the paper's 0.991 would switch at step 0 there
+(``../shared/methods/adaptive_guidance.md`` §6.1). The threshold is not portable across models, schedulers, step
+counts or spaces: calibrate it (:mod:`guidance.ag_calibration`). Where x0 is undefined (an epsilon model at
+``alpha = 0``, the first step of a zero-terminal-SNR schedule) gamma is not measured at that step (recorded as NaN,
+no switch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from guidance._validate import check_choice, check_number
+from guidance.base import Branch, Guidance, Predictions, Step
+from guidance.registry import register, resolve_guidance
+from guidance.spaces import MIN_COEFFICIENT, batch_dims, compute_dtype
+
+SPACES = ("x0", "output")
+REDUCTIONS = ("all", "per-sample")
+_NEVER = torch.iinfo(torch.long).max
+
+
+def cosine_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of ``a`` and ``b`` per sample over all non-batch dims, shape ``[B]`` (float32 or float64).
+
+    A zero vector has cosine 0 with anything.
+    """
+    dtype = compute_dtype(torch.promote_types(a.dtype, b.dtype))
+    a, b = a.to(dtype), b.to(dtype)
+    dims = batch_dims(a)
+    dot = (a * b).sum(dim=dims)
+    norms = torch.linalg.vector_norm(a, dim=dims) * torch.linalg.vector_norm(b, dim=dims)
+    return dot / norms.clamp_min(torch.finfo(dtype).tiny)
+
+
+def _resolve_base(base: Any, guidance_scale: float | None) -> Guidance:
+    """The wrapped rule from a module, a registered name or a config dict (a name is built with ``guidance_scale``)."""
+    if isinstance(base, str) and not base.lstrip().startswith(("{", "[")) and guidance_scale is not None:
+        rule = resolve_guidance({"name": base, "guidance_scale": guidance_scale})
+    else:
+        rule = resolve_guidance(base)
+    scale = getattr(rule, "guidance_scale", None)
+    if guidance_scale is not None and scale != guidance_scale:
+        raise ValueError(f"guidance_scale={guidance_scale} contradicts the base rule's guidance_scale={scale}")
+    if "uncond" not in rule.required_branches:
+        raise ValueError(f"base must be a rule that uses the unconditional branch (CFG, APG, ...), got {rule!r}")
+    for hook in ("prepare_noise", "after_step"):
+        if rule.uses(hook):
+            raise ValueError(
+                f"base {rule!r} defines {hook}; AdaptiveGuidance wraps a combine rule only. "
+                f"List the other module next to it instead: [AdaptiveGuidance(...), <module with {hook}>]"
+            )
+    return rule
+
+
+@register("ag")
+class AdaptiveGuidance(Guidance):
+    """Adaptive Guidance: the wrapped rule until gamma reaches ``threshold``, then conditional-only steps.
+
+    See the module docstring for the statistic and the latch.
+
+    Args:
+        base: the rule to run before the switch: a module (``CFG(5)``, ``APG(...)``), a registered name or a config
+            dict (default ``"cfg"``).
+        threshold: gamma-bar in (0, 1] (default 0.991, the paper's value reported second-hand; calibrate it).
+        space: ``"x0"`` (default: cosine of the denoised predictions) or ``"output"`` (of the raw network outputs,
+            e.g. epsilon).
+        reduce: ``"all"`` (default): switch the whole batch when every sample's gamma reached the threshold at the
+            same step; ``"per-sample"``: latch each sample on its own and evaluate the unconditional row only for
+            samples that have not switched.
+        guidance_scale: builds ``base`` when it is a name; otherwise only checked against the base's own scale
+            (``None``: the base's scale). Lets ``pipe(..., guidance="ag", guidance_scale=5)`` work.
+        record_only: measure gamma at every step but never switch (calibration runs; the output is the base rule's).
+
+    Diagnostics, reset at every generation: ``gamma_history`` (one float64 ``[B]`` tensor per measured step, NaN
+    where a sample was not measured), ``gamma_steps`` (their step indices), ``sample_switch_steps`` (per sample: the
+    last guided step, ``None`` if it never switched) and ``switch_step`` (the step after which the whole batch is
+    conditional-only, ``None`` if it never was).
+    """
+
+    def __init__(
+        self,
+        base: Guidance | str | dict[str, Any] = "cfg",
+        threshold: float = 0.991,
+        space: str = "x0",
+        reduce: str = "all",
+        guidance_scale: float | None = None,
+        record_only: bool = False,
+    ) -> None:
+        if guidance_scale is not None:
+            check_number("guidance_scale", guidance_scale, low=0.0)
+        self.base = _resolve_base(base, guidance_scale)
+        self.guidance_scale = getattr(self.base, "guidance_scale", None)
+        self.threshold = check_number("threshold", threshold, low=0.0, high=1.0, low_open=True)
+        self.space = check_choice("space", space, SPACES)
+        self.reduce = check_choice("reduce", reduce, REDUCTIONS)
+        if not isinstance(record_only, bool):
+            raise TypeError(f"record_only must be a bool, got {type(record_only).__name__}")
+        self.record_only = record_only
+        self.required_branches = self.base.required_branches
+        self.reset()
+
+    def reset(self) -> None:
+        self.base.reset()
+        self._switch_after: torch.Tensor | None = None  # per sample: last guided step (_NEVER: not switched)
+        self.gamma_history: list[torch.Tensor] = []
+        self.gamma_steps: list[int] = []
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _switched(self, step: Step) -> torch.Tensor:
+        """Bool ``[rows]``: samples of ``step`` that are conditional-only at this step."""
+        if self._switch_after is None:
+            self._switch_after = torch.full((step.batch_size,), _NEVER, dtype=torch.long)
+        switched = self._switch_after < step.index
+        return switched if step.rows is None else switched[step.rows.cpu()]
+
+    @property
+    def sample_switch_steps(self) -> list[int | None]:
+        """Per sample: the last guided (two-branch) step, or ``None`` if the sample never switched."""
+        if self._switch_after is None:
+            return []
+        return [None if k == _NEVER else int(k) for k in self._switch_after]
+
+    @property
+    def switch_step(self) -> int | None:
+        """The step after which every sample is conditional-only (``None`` if some sample never switched)."""
+        steps = self.sample_switch_steps
+        return None if not steps or None in steps else max(steps)  # type: ignore[type-var]
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+        switched = self._switched(step)
+        if not switched.any():
+            return self.base.branches(step, preds)
+        if switched.all():
+            return [Branch("cond")]
+        keep = ~switched
+        return [b if b.name == "cond" else _restrict(b, keep) for b in self.base.branches(step, preds)]
+
+    def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
+        cond = preds["cond"]
+        if "uncond" not in preds:
+            return cond
+        switched = self._switched(step)
+        if not switched.any():
+            self._observe(cond, preds["uncond"], step)
+            return self.base.combine(preds, step)
+        rows = torch.nonzero(~switched).flatten()
+        sub_step = step.select(rows.to(step.sample.device))
+        sub_preds = {name: cond[rows] if name == "cond" else value for name, value in preds.items()}
+        self._observe(sub_preds["cond"], preds["uncond"], sub_step)
+        guided = cond.clone()
+        guided[rows] = self.base.combine(sub_preds, sub_step).to(cond.dtype)
+        return guided
+
+    def _observe(self, cond: torch.Tensor, uncond: torch.Tensor, step: Step) -> None:
+        """Measure gamma on the first evaluation of a step and latch samples that reached the threshold."""
+        if not step.first_stage:
+            return
+        gamma = self.statistic(cond, uncond, step)
+        rows = torch.arange(step.batch_size) if step.rows is None else step.rows.cpu()
+        full = torch.full((step.batch_size,), float("nan"), dtype=torch.float64)
+        full[rows] = gamma.double().cpu()
+        self.gamma_history.append(full)
+        self.gamma_steps.append(step.index)
+        if self.record_only:
+            return
+        crossed = full >= self.threshold  # NaN (not measured) never crosses
+        if self.reduce == "all":
+            crossed = crossed.all().expand_as(crossed)
+        latch = crossed & (self._switch_after > step.index)
+        self._switch_after[latch] = step.index
+
+    def statistic(self, cond: torch.Tensor, uncond: torch.Tensor, step: Step) -> torch.Tensor:
+        """gamma ``[rows]`` of ``step`` in this rule's space; NaN where x0 is undefined (epsilon model at alpha ~ 0)."""
+        if self.space == "output":
+            return cosine_per_sample(cond, uncond)
+        if step.prediction_type == "epsilon" and step.alpha < MIN_COEFFICIENT:
+            return torch.full((cond.shape[0],), float("nan"), dtype=torch.float64)
+        return cosine_per_sample(step.to_x0(cond), step.to_x0(uncond))
+
+
+def _restrict(branch: Branch, keep: torch.Tensor) -> Branch:
+    """``branch`` limited to the samples where ``keep`` (bool over the step's rows) is true."""
+    if branch.rows is None:
+        rows = torch.nonzero(keep).flatten()
+        labels = None if branch.labels is None else branch.labels[rows.to(branch.labels.device)]
+        return Branch(branch.name, rows=rows, labels=labels)
+    mask = keep[branch.rows.cpu()]
+    labels = None if branch.labels is None else branch.labels[mask.to(branch.labels.device)]
+    return Branch(branch.name, rows=branch.rows[mask.to(branch.rows.device)], labels=labels)
