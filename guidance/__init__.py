@@ -10,6 +10,7 @@ from guidance.registry import available_guidance, from_config, get_guidance, reg
 from guidance.cfg import CFG  # noqa: E402  (registration order: CFG first, it is the reference)
 from guidance.apg import APG  # noqa: E402
 from guidance.adaptive import AdaptiveGuidance  # noqa: E402
+from guidance.linear_ag import LinearAG  # noqa: E402
 from guidance.tag import TAG, TAGCFG  # noqa: E402
 from guidance.nlg import NLG  # noqa: E402
 
@@ -17,6 +18,7 @@ __all__ = [
     "APG",
     "AdaptiveGuidance",
     "CFG",
+    "LinearAG",
     "NLG",
     "TAG",
     "TAGCFG",

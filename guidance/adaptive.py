@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from guidance._validate import check_choice, check_number
+from guidance._validate import check_bool, check_choice, check_number
 from guidance.base import Branch, Guidance, Predictions, Step
 from guidance.registry import register, resolve_guidance
 from guidance.spaces import MIN_COEFFICIENT, batch_dims, compute_dtype
@@ -111,9 +111,7 @@ class AdaptiveGuidance(Guidance):
         self.threshold = check_number("threshold", threshold, low=0.0, high=1.0, low_open=True)
         self.space = check_choice("space", space, SPACES)
         self.reduce = check_choice("reduce", reduce, REDUCTIONS)
-        if not isinstance(record_only, bool):
-            raise TypeError(f"record_only must be a bool, got {type(record_only).__name__}")
-        self.record_only = record_only
+        self.record_only = check_bool("record_only", record_only)
         self.required_branches = self.base.required_branches
         self.reset()
 
