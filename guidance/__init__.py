@@ -13,11 +13,13 @@ from guidance.adaptive import AdaptiveGuidance  # noqa: E402
 from guidance.linear_ag import LinearAG  # noqa: E402
 from guidance.tag import TAG, TAGCFG  # noqa: E402
 from guidance.nlg import NLG  # noqa: E402
+from guidance.gfcg import GFCG  # noqa: E402
 
 __all__ = [
     "APG",
     "AdaptiveGuidance",
     "CFG",
+    "GFCG",
     "LinearAG",
     "NLG",
     "TAG",

@@ -1,0 +1,342 @@
+"""Gradient-free classifier guidance (GFCG; Shenoy et al., arXiv 2411.15393, WACV 2026).
+
+An off-the-shelf classifier, run in inference mode only (never differentiated), reads the conditional branch's
+denoised estimate at every model evaluation, picks a reference class per sample and a confusion-adaptive scale, and
+the prediction is pushed away from the model's prediction *for that reference class* (``../shared/methods/gfcg.md``
+§2-3). With the target label ``c`` of each sample:
+
+    p     = softmax(classifier(decode(x0)))                  float32 or better, under torch.no_grad
+    c_ref = argmax_{k != c} p_k                              reference="exclude_target" (most-confusable rival)
+          | argmax_k p_k   (w = 0 when it is c)              reference="include_target"
+    w_t   = clip(lambda * f(p, c, c_ref), 0, w_max)          inside sigma_window, else 0
+    out   = out_c + w_t * (out_c - out_ref)                                          (2 NFE per step)
+    out   = out_u + omega * (out_c - out_u) + w_t * (out_c - out_ref)                with CFG (3 NFE per step)
+
+with the scale rules ``f`` (:data:`SCALE_RULES`): ``"ratio"`` p_ref / p_c, ``"one_minus_p"`` 1 - p_c and
+``"indicator"`` 1[argmax_k p_k != c]. Both forms are affine in the branch outputs at a fixed model input, so they are
+applied to the model's outputs directly and give the same step in epsilon, v, x0 or flow space (spaces.md §5).
+
+**Reconstruction.** The abstract verifies the mechanism (a gradient-free classifier picks a time-adaptive reference
+class and scale; the reference is a *conditional* prediction); the paper's exact scale function, reference rule,
+clip and noise interval could not be checked. The three scale rules, both reference rules, ``w_max``,
+``sigma_window``, which estimate the classifier reads (``classifier_input``) and ``recompute_at_second_stage`` are
+therefore all options; the defaults were chosen by measurement on the embedded digits model
+(``benchmarks/gfcg.py``), not taken from the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from guidance._validate import check_bool, check_choice, check_number
+from guidance.base import Branch, Guidance, Predictions, Step
+from guidance.cfg import classifier_free_guidance
+from guidance.registry import register
+from guidance.spaces import compute_dtype
+
+REFERENCE_RULES = ("exclude_target", "include_target")
+CLASSIFIER_INPUTS = ("cond", "previous")
+
+
+def _ratio(probs: torch.Tensor, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``p_ref / p_c``: push harder when a rival class dominates (unbounded; clipped by ``w_max``)."""
+    p_target = probs.gather(1, target[:, None])[:, 0]
+    p_reference = probs.gather(1, reference[:, None])[:, 0]
+    return p_reference / p_target.clamp_min(torch.finfo(probs.dtype).tiny)
+
+
+def _one_minus_p(probs: torch.Tensor, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``1 - p_c``: the probability mass the classifier puts outside the target."""
+    return 1 - probs.gather(1, target[:, None])[:, 0]
+
+
+def _indicator(probs: torch.Tensor, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``1[argmax_k p_k != c]``: guide only samples the classifier currently assigns to another class."""
+    return (probs.argmax(dim=1) != target).to(probs.dtype)
+
+
+#: confusion signals ``f(probs [B, K], target [B], reference [B]) -> [B]``, before ``lambda`` and the clip
+SCALE_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ratio": _ratio,
+    "one_minus_p": _one_minus_p,
+    "indicator": _indicator,
+}
+
+
+def choose_reference(probs: torch.Tensor, target: torch.Tensor, rule: str = "exclude_target") -> torch.Tensor:
+    """Reference label per sample: the most probable class other than ``target`` (``"exclude_target"``) or the most
+    probable class overall (``"include_target"``; it may be the target itself, which :func:`gfcg_scale` turns off)."""
+    check_choice("reference", rule, REFERENCE_RULES)
+    if rule == "include_target":
+        return probs.argmax(dim=1)
+    masked = probs.scatter(1, target[:, None], float("-inf"))
+    return masked.argmax(dim=1)
+
+
+def gfcg_scale(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    rule: str,
+    guidance_scale: float,
+    w_max: float,
+) -> torch.Tensor:
+    """``w_t = clip(guidance_scale * f(p, c, c_ref), 0, w_max)`` per sample, and exactly 0 where ``c_ref == c``."""
+    check_choice("scale_rule", rule, tuple(SCALE_RULES))
+    signal = SCALE_RULES[rule](probs, target, reference)
+    scale = (guidance_scale * signal).clamp(0.0, w_max)
+    return torch.where(reference == target, torch.zeros_like(scale), scale)
+
+
+def gfcg_combine(
+    out_c: torch.Tensor,
+    out_ref: torch.Tensor,
+    scale: torch.Tensor,
+    out_u: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
+) -> torch.Tensor:
+    """``out_c + w (out_c - out_ref)``, or with the unconditional branch ``out_u + omega (out_c - out_u) + w (...)``.
+
+    ``scale`` holds one ``w`` per sample; the arithmetic runs in float32 or better. Rows with ``w = 0`` return the
+    unguided prediction (``out_c``, or CFG's) exactly.
+    """
+    dtype = compute_dtype(out_c.dtype)
+    cond, ref = out_c.to(dtype), out_ref.to(dtype)
+    base = cond if out_u is None else classifier_free_guidance(cond, out_u.to(dtype), cfg_scale)
+    weight = scale.to(device=cond.device, dtype=dtype).reshape(-1, *([1] * (cond.ndim - 1)))
+    return base + weight * (cond - ref)
+
+
+@torch.no_grad()
+def classify(classifier: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, K]`` of ``classifier`` on ``images`` and their softmax in float32 or better (no autograd)."""
+    parameter = next(classifier.parameters(), None)
+    if parameter is not None:
+        images = images.to(device=parameter.device, dtype=parameter.dtype)
+    logits = classifier(images)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != images.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"classifier must map {images.shape[0]} images to logits [B, K]; got {shape}")
+    logits = logits.detach()
+    return logits, torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=1)
+
+
+def _scatter(buffer: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    if rows is None:
+        return values.clone()
+    out = buffer.clone()
+    out[rows.to(out.device)] = values.to(out.dtype)
+    return out
+
+
+@register("gfcg")
+class GFCG(Guidance):
+    """Gradient-free classifier guidance (see the module docstring for the formula; reconstruction, see there).
+
+    Args:
+        classifier: any ``torch.nn.Module`` mapping images ``[B, C, H, W]`` in [-1, 1] (the pipeline's decoded
+            denoised estimate, float32 cast to the classifier's dtype) to logits ``[B, K]`` over the pipeline's label
+            set: the class ids of a class-conditional pipeline, or ``label_prompts=`` of a text-to-image pipeline.
+            Pass it in eval mode; it is only ever run under ``torch.no_grad``. Required. It is not part of
+            :meth:`config` (a module is not serialisable): rebuild with ``from_config({**config, "classifier": net})``
+            or ``get_guidance("gfcg", classifier=net, ...)``.
+        guidance_scale: lambda >= 0, the factor of the confusion signal (0 turns GFCG off: 1 NFE per step).
+        scale_rule: ``"ratio"``, ``"one_minus_p"`` or ``"indicator"`` (:data:`SCALE_RULES`) [reconstruction].
+        reference: ``"exclude_target"`` (the most probable other class) or ``"include_target"`` (the most probable
+            class; samples whose reference is their target get ``w = 0`` and no reference NFE) [reconstruction].
+        w_max: upper clip of ``w_t`` (> 0) [reconstruction].
+        sigma_window: ``(low, high)`` noise levels (``Step.noise_level``: ``sigma / alpha`` for VP/VE models, the
+            flow sigma for flow models) between which GFCG acts; ``None`` = every step. Outside it neither the
+            classifier nor the reference branch runs [reconstruction].
+        cfg_scale: ``None`` for GFCG alone; omega >= 0 adds classifier-free guidance (diffusers' convention,
+            1 = none) and its unconditional branch.
+        classifier_input: which denoised estimate the classifier reads [reconstruction, spec §8.2]:
+            ``"cond"``: this evaluation's conditional estimate (two batched forwards per evaluation: cond (+uncond),
+            then the reference rows); ``"previous"``: the previous evaluation's *guided* estimate (cond, uncond and
+            reference in one forward; no guidance at the first evaluation).
+        recompute_at_second_stage: on second-order schedulers (Heun) pick the reference and scale again at the
+            second evaluation of a step (``True``) or reuse the first stage's (``False``).
+
+    Diagnostics: :attr:`history` (reset at every generation) holds one dict per model evaluation with ``step``,
+    ``evaluation``, ``noise_level``, ``rows`` (``None`` = the whole batch) and, per sample, ``reference`` (long; -1
+    where the classifier did not run), ``scale`` (``w_t``) and ``target_prob`` (``p_c``; NaN where it did not run).
+
+    Cost per evaluation: 1 conditional NFE, 1 reference NFE for every sample with ``w_t > 0`` (so 2 per step, 3 with
+    CFG), 1 classifier forward and 1 ``decode`` (a VAE decode for latent models).
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module | None = None,
+        guidance_scale: float = 2.0,
+        scale_rule: str = "one_minus_p",
+        reference: str = "exclude_target",
+        w_max: float = 4.0,
+        sigma_window: Sequence[float] | None = None,
+        cfg_scale: float | None = None,
+        classifier_input: str = "cond",
+        recompute_at_second_stage: bool = True,
+    ) -> None:
+        if classifier is None:
+            raise ValueError(
+                "GFCG needs classifier=: a torch.nn.Module mapping images in [-1, 1] to logits over the label set "
+                "(e.g. get_guidance('gfcg', classifier=net) or from_config({**config, 'classifier': net}))"
+            )
+        if not isinstance(classifier, nn.Module):
+            raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+        self.classifier = classifier
+        self.guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        self.scale_rule = check_choice("scale_rule", scale_rule, tuple(SCALE_RULES))
+        self.reference = check_choice("reference", reference, REFERENCE_RULES)
+        self.w_max = check_number("w_max", w_max, low=0.0, low_open=True)
+        self.sigma_window = self._check_window(sigma_window)
+        self.cfg_scale = None if cfg_scale is None else check_number("cfg_scale", cfg_scale, low=0.0)
+        self.classifier_input = check_choice("classifier_input", classifier_input, CLASSIFIER_INPUTS)
+        self.recompute_at_second_stage = check_bool("recompute_at_second_stage", recompute_at_second_stage)
+        uses_cfg = self.cfg_scale is not None and self.cfg_scale != 1.0
+        self.required_branches = frozenset({"cond", "ref"} | ({"uncond"} if uses_cfg else set()))
+        self.reset()
+
+    @staticmethod
+    def _check_window(window: Sequence[float] | None) -> tuple[float, float] | None:
+        if window is None:
+            return None
+        if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 2:
+            raise ValueError(f"sigma_window must be None or a pair (low, high) of noise levels, got {window!r}")
+        low = check_number("sigma_window[0]", window[0], low=0.0)
+        high = check_number("sigma_window[1]", window[1], low=low)
+        return (low, high)
+
+    def reset(self) -> None:
+        #: one diagnostics dict per model evaluation of the current generation (see the class docstring)
+        self.history: list[dict[str, Any]] = []
+        self._checked = False
+        self._selection: tuple[torch.Tensor, torch.Tensor] | None = None  # (reference, scale) of this evaluation
+        self._ref_branch: Branch | None = None
+        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None  # first-stage selection, whole batch
+        self._previous_x0: torch.Tensor | None = None  # guided x0 of the previous evaluation, whole batch
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments except ``classifier`` (a module; supply it again to rebuild)."""
+        out = super().config()
+        del out["classifier"]
+        return out
+
+    # -- the hooks -------------------------------------------------------------------------------------------------
+
+    def _fixed_branches(self) -> list[Branch]:
+        uses_cfg = "uncond" in self.required_branches
+        return [Branch("uncond"), Branch("cond")] if uses_cfg else [Branch("cond")]
+
+    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+        fixed = self._fixed_branches()
+        if "ref" in preds:  # the reference of this evaluation was chosen and evaluated
+            return fixed + [self._ref_branch]
+        if "cond" not in preds and self._reads_cond(step):
+            return fixed  # phase 1: the classifier needs this evaluation's conditional estimate first
+        self._select(step, preds.get("cond"))
+        return fixed + [self._ref_branch]
+
+    def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
+        cond = preds["cond"]
+        _, scale = self._selection
+        reference_out = cond
+        if preds["ref"].shape[0]:
+            reference_out = cond.clone()
+            reference_out[self._ref_branch.rows.to(cond.device)] = preds["ref"]
+        cfg_scale = 1.0 if self.cfg_scale is None else self.cfg_scale
+        guided = gfcg_combine(cond, reference_out, scale, preds.get("uncond"), cfg_scale)
+        if self.classifier_input == "previous":
+            x0 = step.to_x0(guided).detach()
+            if self._previous_x0 is None:
+                self._previous_x0 = x0.new_zeros((step.batch_size, *x0.shape[1:]))
+            self._previous_x0 = _scatter(self._previous_x0, step.rows, x0)
+        return guided.to(cond.dtype)
+
+    # -- choosing the reference ------------------------------------------------------------------------------------
+
+    def _in_window(self, step: Step) -> bool:
+        if self.guidance_scale == 0:
+            return False
+        if self.sigma_window is None:
+            return True
+        low, high = self.sigma_window
+        return low <= step.noise_level <= high
+
+    def _reuses_stage(self, step: Step) -> bool:
+        return not step.first_stage and not self.recompute_at_second_stage and self._stage is not None
+
+    def _reads_cond(self, step: Step) -> bool:
+        return self.classifier_input == "cond" and self._in_window(step) and not self._reuses_stage(step)
+
+    def _estimate(self, step: Step, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """The denoised estimate the classifier reads (``None``: nothing to read yet)."""
+        if self.classifier_input == "cond":
+            return step.to_x0(cond)
+        if self._previous_x0 is None:
+            return None
+        return self._previous_x0 if step.rows is None else self._previous_x0[step.rows.to(self._previous_x0.device)]
+
+    def _select(self, step: Step, cond: torch.Tensor | None) -> None:
+        """Pick reference labels and scales for the rows of ``step``; record them in :attr:`history`."""
+        count = step.sample.shape[0]
+        device = step.sample.device
+        reference = torch.full((count,), -1, dtype=torch.long, device=device)
+        scale = torch.zeros(count, dtype=torch.float32, device=device)
+        target_prob = torch.full((count,), float("nan"), dtype=torch.float32, device=device)
+        x0 = self._estimate(step, cond) if self._in_window(step) and not self._reuses_stage(step) else None
+        if self._reuses_stage(step):
+            rows = slice(None) if step.rows is None else step.rows.to(device)
+            reference, scale = self._stage[0][rows], self._stage[1][rows]
+        elif x0 is not None:
+            target = self._targets(step).to(device)
+            images = x0 if step.decode is None else step.decode(x0)
+            _, probs = classify(self.classifier, images)
+            self._check(step, probs, target)
+            probs = probs.to(device)
+            reference = choose_reference(probs, target, self.reference)
+            scale = gfcg_scale(probs, target, reference, self.scale_rule, self.guidance_scale, self.w_max).float()
+            target_prob = probs.gather(1, target[:, None])[:, 0].float()
+        if step.first_stage:
+            whole = (torch.full((step.batch_size,), -1, dtype=torch.long, device=device),
+                     torch.zeros(step.batch_size, dtype=torch.float32, device=device))
+            previous = whole if self._stage is None else self._stage
+            self._stage = (_scatter(previous[0], step.rows, reference), _scatter(previous[1], step.rows, scale))
+        active = torch.nonzero(scale > 0).flatten()
+        self._selection = (reference, scale)
+        self._ref_branch = Branch("ref", rows=active, labels=reference[active])
+        self.history.append({
+            "step": step.index, "evaluation": step.evaluation, "noise_level": step.noise_level,
+            "rows": None if step.rows is None else step.rows.cpu(),
+            "reference": reference.cpu(), "scale": scale.cpu(), "target_prob": target_prob.cpu(),
+        })
+
+    @staticmethod
+    def _targets(step: Step) -> torch.Tensor:
+        if step.target_labels is None:
+            raise ValueError(
+                "GFCG needs the target label of every sample: a class-conditional pipeline gives its class ids, a "
+                "text-to-image pipeline needs label_prompts= and target_labels="
+            )
+        return step.target_labels.long()
+
+    def _check(self, step: Step, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """Once per generation: the classifier's labels are the pipeline's label set, and the targets lie in it."""
+        if self._checked:
+            return
+        num_logits = probs.shape[1]
+        if step.num_labels == 0:
+            raise ValueError("GFCG needs a label set ('ref' branch); this pipeline has none")
+        if num_logits != step.num_labels:
+            raise ValueError(
+                f"classifier returns {num_logits} logits but the pipeline's label set has {step.num_labels} labels; "
+                "the classifier must score exactly the labels of the label set (class ids or label_prompts)"
+            )
+        if target.numel() and (target.min() < 0 or target.max() >= num_logits):
+            raise ValueError(f"target labels must be in [0, {num_logits - 1}] (the classifier's range), got "
+                             f"{target.tolist()}")
+        self._checked = True
