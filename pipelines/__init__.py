@@ -5,13 +5,17 @@ from pipelines.common import GuidedPipelineOutput
 from pipelines.conditioning import BranchConditioning
 from pipelines.loop import LoopResult, denoise
 from pipelines.stable_diffusion import GuidedStableDiffusionPipeline
+from pipelines.stable_diffusion_3 import GuidedStableDiffusion3Pipeline
+from pipelines.stable_diffusion_xl import GuidedStableDiffusionXLPipeline
 from pipelines.schedulers import SchedulerAdapter, scheduler_family
 
 __all__ = [
     "BranchConditioning",
     "GuidedClassConditionalPipeline",
     "GuidedPipelineOutput",
+    "GuidedStableDiffusion3Pipeline",
     "GuidedStableDiffusionPipeline",
+    "GuidedStableDiffusionXLPipeline",
     "LoopResult",
     "SchedulerAdapter",
     "denoise",

@@ -15,9 +15,18 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance, scheduler_step_kwargs
+from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance, run_guided_loop
 from pipelines.conditioning import BranchConditioning
-from pipelines.loop import denoise
+
+
+def dit_null_label(transformer: Any) -> int | None:
+    """DiT's null class id: ``num_embeds_ada_norm``, the extra row its label table has when it was trained with class
+    dropout (diffusers' ``LabelEmbedding`` adds it whenever the dropout probability is positive, the default 0.1)."""
+    num_classes = int(transformer.config.num_embeds_ada_norm)
+    tables = [m.embedding_table for m in transformer.modules() if hasattr(m, "embedding_table")]
+    if tables and tables[0].num_embeddings > num_classes:
+        return num_classes
+    return None
 
 
 class GuidedClassConditionalPipeline(DiffusionPipeline):
@@ -28,8 +37,8 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
         unet: a ``UNet2DModel`` with class embeddings (pixel space unless a ``vae`` is given), or
         transformer: a ``DiTTransformer2DModel`` (latent space; needs ``vae``).
         vae: optional ``AutoencoderKL`` for latent models.
-        null_class_label: the label id of the unconditional branch (``None``: DiT's null row, or no unconditional
-            branch for a UNet).
+        null_class_label: the label id of the unconditional branch (``None``: DiT's null row ``num_embeds_ada_norm``,
+            or no unconditional branch for a UNet).
         id2label: optional class names, so labels may be given by name.
     """
 
@@ -51,8 +60,8 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
         if transformer is not None and vae is None:
             raise ValueError("a DiT transformer works in latent space: pass its vae=")
         self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae)
-        if null_class_label is None and transformer is not None and transformer.config.get("class_dropout_prob", 0) > 0:
-            null_class_label = int(transformer.config.num_embeds_ada_norm)
+        if null_class_label is None and transformer is not None:
+            null_class_label = dit_null_label(transformer)
         self.register_to_config(null_class_label=null_class_label, id2label=id2label)
 
     @property
@@ -139,6 +148,11 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         check_steps(num_inference_steps)
         rule = pipeline_guidance(guidance, guidance_scale, default_scale=4.0)
+        if "uncond" in rule.required_branches and self.config.null_class_label is None:
+            raise ValueError(
+                f"guidance {rule!r} needs the unconditional branch, but this pipeline has no null_class_label "
+                "(construct it with null_class_label=<the label id the model was trained with for 'no class'>)"
+            )
         ids = self.class_ids(class_labels)
         device = self._execution_device
         batch = len(ids)
@@ -165,27 +179,20 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-        def on_step_end(i: int, t: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-            if callback_on_step_end is None:
-                return current
-            outputs = callback_on_step_end(self, i, t, {"latents": current})
-            return outputs.pop("latents", current)
-
-        with self.progress_bar(total=num_inference_steps) as progress:
-            result = denoise(
-                model_fn=self._model_fn(),
-                scheduler=self.scheduler,
-                timesteps=self.scheduler.timesteps,
-                latents=latents,
-                guidance=rule,
-                conditioning=conditioning,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
-                decode=self._decode,
-                on_step_end=on_step_end,
-                progress=progress,
-            )
+        result = run_guided_loop(
+            self,
+            model_fn=self._model_fn(),
+            timesteps=self.scheduler.timesteps,
+            latents=latents,
+            guidance=rule,
+            conditioning=conditioning,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            eta=eta,
+            decode=self._decode,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         if output_type == "latent":
             images: Any = result.latents

@@ -9,22 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance, scheduler_step_kwargs
+from pipelines.common import GuidedPipelineOutput, check_steps, label_condition, pipeline_guidance, run_guided_loop
 from pipelines.conditioning import BranchConditioning
-from pipelines.loop import denoise
-
-
-def label_targets(target_labels: Sequence[int] | None, num_labels: int, batch: int, per_prompt: int) -> torch.Tensor:
-    """The label id of every image, given one id per prompt (repeated for ``num_images_per_prompt``)."""
-    if target_labels is None:
-        raise ValueError("label_prompts needs target_labels: the label index of each prompt")
-    ids = list(target_labels)
-    if len(ids) != batch:
-        raise ValueError(f"target_labels must have one entry per prompt ({batch}), got {len(ids)}")
-    for label in ids:
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
-            raise ValueError(f"target_labels must be ints in [0, {num_labels - 1}], got {label!r}")
-    return torch.tensor(ids).repeat_interleave(per_prompt)
 
 
 class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
@@ -98,13 +84,14 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
         branches = {"cond": {"encoder_hidden_states": prompt_embeds}}
         if needs_uncond:
             branches["uncond"] = {"encoder_hidden_states": negative_prompt_embeds}
-        label_set, targets = None, None
-        if label_prompts is not None:
-            label_embeds, _ = self.encode_prompt(
-                list(label_prompts), device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip
-            )
-            label_set = {"encoder_hidden_states": label_embeds}
-            targets = label_targets(target_labels, len(label_prompts), batch, num_images_per_prompt).to(device)
+
+        def encode_labels(prompts: list[str]) -> dict[str, torch.Tensor]:
+            embeds, _ = self.encode_prompt(prompts, device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip)
+            return {"encoder_hidden_states": embeds}
+
+        label_set, targets = label_condition(
+            label_prompts, target_labels, batch, num_images_per_prompt, encode_labels, device
+        )
         conditioning = BranchConditioning(branches, label_set, targets)
 
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
@@ -121,28 +108,21 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
             )[0]
 
-        def on_step_end(i: int, t: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-            if callback_on_step_end is None:
-                return current
-            available = {"latents": current, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-            inputs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-            return callback_on_step_end(self, i, t, inputs).pop("latents", current)
-
-        with self.progress_bar(total=num_inference_steps) as progress:
-            result = denoise(
-                model_fn=model_fn,
-                scheduler=self.scheduler,
-                timesteps=timesteps,
-                latents=latents,
-                guidance=rule,
-                conditioning=conditioning,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
-                decode=self._decode_pixels,
-                on_step_end=on_step_end,
-                progress=progress,
-            )
+        result = run_guided_loop(
+            self,
+            model_fn=model_fn,
+            timesteps=timesteps,
+            latents=latents,
+            guidance=rule,
+            conditioning=conditioning,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            eta=eta,
+            decode=self._decode_pixels,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_tensors={"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds},
+        )
 
         nsfw = None
         if output_type == "latent":
