@@ -41,6 +41,8 @@ from guidance.spaces import compute_dtype, per_sample_dot, per_sample_norm
 
 #: the eps of the paper's unit vector ``x / (||x|| + eps)`` (App. D)
 NORM_EPS = 1e-8
+#: floor of a norm we divide by where an additive eps would bias the result (a zero vector stays zero)
+TINY = 1e-30
 
 
 def radial_unit(x: torch.Tensor) -> torch.Tensor:
@@ -140,10 +142,11 @@ def tangential_cfg(
 ) -> torch.Tensor:
     """TAG_cfg (Eq. 26): ``m_u + w (m_c - m_u) + eta * g_al`` with ``g_al`` of Eq. 25 (Eq. 28 when ``adaptive``).
 
-    ``sample`` is the model input x the predictions were made at. The projection runs in float64 (float32 on MPS):
-    a residual parallel to x has a tangential part at rounding level, whose direction is meaningless. The unit
-    vector of ``g_perp`` is guarded as in Alg. 3 (``||g_perp|| + 1e-8``), so ``g_perp = 0`` gives ``g_al = 0`` (CFG),
-    never NaN. ``eta = 0`` returns exactly :func:`~guidance.cfg.classifier_free_guidance`.
+    ``sample`` is the model input x the predictions were made at. The projection runs in float64 (float32 on MPS)
+    with the exact unit vector of x: a residual parallel to x then has a tangential part at rounding level (an eps
+    guard on ``x / (||x|| + eps)`` would leave an ``eps``-sized part along x, whose direction Eq. 25 then amplifies).
+    The unit vector of ``g_perp`` is guarded as in Alg. 3 (``||g_perp|| + 1e-8``), so ``g_perp = 0`` gives
+    ``g_al = 0`` (CFG), never NaN. ``eta = 0`` returns exactly :func:`~guidance.cfg.classifier_free_guidance`.
     """
     guided = classifier_free_guidance(cond, uncond, guidance_scale)
     if eta == 0:
@@ -151,7 +154,7 @@ def tangential_cfg(
     dtype = torch.float32 if cond.device.type == "mps" else torch.float64
     c, x = cond.to(dtype), sample.to(dtype)
     residual = c - uncond.to(dtype)
-    perp = tangential_part(residual, radial_unit(x))
+    perp = tangential_part(residual, x / per_sample_norm(x).clamp_min(TINY))
     direction = perp / (per_sample_norm(perp) + NORM_EPS)
     aligned = per_sample_dot(c, direction) * direction
     if adaptive:
