@@ -167,7 +167,7 @@ class GuidedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         )
         if isinstance(denoising_end, float) and 0 < denoising_end < 1:
             train_steps = self.scheduler.config.num_train_timesteps
-            cutoff = int(round(train_steps - denoising_end * train_steps))
+            cutoff = round(train_steps - denoising_end * train_steps)
             num_inference_steps = int((timesteps >= cutoff).sum())
             timesteps = timesteps[:num_inference_steps]
         self._num_timesteps = len(timesteps)

@@ -174,8 +174,48 @@ def test_label_set_feeds_the_reference_branch(request, cls, components, extra):
     pipe = build(cls, request.getfixturevalue(components))
     labels = ["a red cat", "a green dog", "a boat"]
     got, out = images(
-        pipe, prompt=["something", "else"], guidance=ReferenceOnly(), label_prompts=labels, target_labels=[2, 0], **extra
+        pipe, prompt=["something", "else"], guidance=ReferenceOnly(), label_prompts=labels, target_labels=[2, 0],
+        **extra,
     )
     assert out.nfe == 2 * STEPS
     expected, _ = images(pipe, prompt=[labels[2], labels[0]], guidance_scale=1.0, **extra)
+    assert abs(got - expected).max() <= TOLERANCE
+
+
+def test_sdxl_denoising_end_matches_diffusers(sdxl):
+    parent, guided = build(StableDiffusionXLPipeline, sdxl), build(GuidedStableDiffusionXLPipeline, sdxl)
+    assert_parity(parent, guided, {"prompt": "a red cat", "denoising_end": 0.999}, None, {"guidance_scale": 5.0})
+    partial, out = images(guided, prompt="a red cat", denoising_end=0.5, guidance_scale=5.0)
+    expected, _ = images(parent, prompt="a red cat", denoising_end=0.5, guidance_scale=5.0)
+    assert out.nfe < 2 * STEPS and abs(partial - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "parent_cls, guided_cls, components, extra",
+    [
+        (StableDiffusionPipeline, GuidedStableDiffusionPipeline, "sd", {}),
+        (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline, "sdxl", {}),
+        (StableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline, "sd3", {"max_sequence_length": 16}),
+    ],
+    ids=["sd", "sdxl", "sd3"],
+)
+def test_callback_on_step_end_matches_diffusers(request, parent_cls, guided_cls, components, extra):
+    """The callback sees every evaluation index and may replace the latents, as in the parent."""
+    parts = request.getfixturevalue(components)
+
+    def run(cls):
+        seen = []
+
+        def callback(pipe, i, t, tensors):
+            seen.append((i, tuple(tensors)))
+            return {"latents": tensors["latents"] * 0.9} if i == 1 else {}
+
+        result, _ = images(
+            build(cls, parts), prompt="a red cat", guidance_scale=5.0, callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **extra,
+        )
+        return result, seen
+
+    (expected, seen_parent), (got, seen) = run(parent_cls), run(guided_cls)
+    assert seen == seen_parent == [(i, ("latents", "prompt_embeds")) for i in range(STEPS)]
     assert abs(got - expected).max() <= TOLERANCE
