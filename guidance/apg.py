@@ -31,35 +31,53 @@ import torch
 from guidance._validate import check_choice, check_number
 from guidance.base import Branch, Guidance, Predictions, Step
 from guidance.registry import register
-from guidance.spaces import per_sample_dot, per_sample_norm
+from guidance.spaces import compute_dtype, per_sample_dot, reduction_dtype
 
 #: SDXL's r = 15 (paper, Table 10) at 4x128x128 latent elements; the default scales it by sqrt(N / 65536)
 SDXL_NORM_THRESHOLD = 15.0
 SDXL_LATENT_ELEMENTS = 4 * 128 * 128
 
 
+def clip_factor(update: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per-sample ``min(1, r / ||M||)`` in float64 (float32 on MPS), shaped ``[B, 1, ..., 1]``; 1 for ``r = 0``
+    and for a zero update (no NaN)."""
+    dtype = reduction_dtype(update)
+    if threshold <= 0:
+        return torch.ones((update.shape[0],) + (1,) * (update.ndim - 1), dtype=dtype, device=update.device)
+    update = update.to(compute_dtype(update.dtype))
+    norm = per_sample_dot(update, update, dtype=dtype).sqrt()
+    return torch.clamp(threshold / norm.clamp_min(1e-300), max=1.0)
+
+
 def clip_norm(update: torch.Tensor, threshold: float) -> torch.Tensor:
     """``update * min(1, threshold / ||update||)`` per sample; a zero update stays zero."""
-    norm = per_sample_norm(update.float())
-    factor = torch.clamp(threshold / norm.clamp_min(1e-12), max=1.0)
-    return update * factor.to(update.dtype)
+    return update * clip_factor(update, threshold).to(update.dtype)
 
 
-def project(update: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``update`` into parts parallel and orthogonal to ``onto`` per sample, in float64 (float32 on MPS)."""
-    dtype = torch.float32 if update.device.type == "mps" else torch.float64
-    v, d = update.to(dtype), onto.to(dtype)
-    unit = d / per_sample_norm(d).clamp_min(1e-12)
-    parallel = per_sample_dot(v, unit) * unit
-    return parallel.to(update.dtype), (v - parallel).to(update.dtype)
+def parallel_coefficient(update: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``k = <M, D> / <D, D>`` in float64 (float32 on MPS), so that ``M_par = k D`` and
+    ``M_perp = M - k D``; 0 for a zero ``onto`` (no NaN)."""
+    dtype = reduction_dtype(update)
+    update, onto = update.to(compute_dtype(update.dtype)), onto.to(compute_dtype(onto.dtype))
+    return per_sample_dot(update, onto, dtype=dtype) / per_sample_dot(onto, onto, dtype=dtype).clamp_min(1e-24)
 
 
 def apg_x0(cond_x0: torch.Tensor, update: torch.Tensor, scale: float, eta: float, threshold: float) -> torch.Tensor:
-    """``D_c + (w - 1) * U`` from the (momentum-accumulated) update M, Algorithm 1 steps 3-6."""
-    if threshold > 0:
-        update = clip_norm(update, threshold)
-    parallel, orthogonal = project(update, cond_x0)
-    return cond_x0 + (scale - 1) * (orthogonal + eta * parallel)
+    """``D_c + (w - 1) * U`` from the (momentum-accumulated) update M, Algorithm 1 steps 3-6.
+
+    With the clip factor ``f`` and ``k = <f M, D_c> / <D_c, D_c>``, ``U = f M - (1 - eta) k D_c``, so the output is
+    the per-sample combination ``(1 - (w - 1)(1 - eta) k) D_c + (w - 1) f M``: only the three inner products are
+    accumulated in float64 (the listing's precision for the projection); the two big element-wise products stay in
+    the inputs' float32, with no float64 copy of the tensors. Inputs narrower than float32 are computed in float32.
+    The result has ``cond_x0``'s dtype.
+    """
+    dtype = compute_dtype(cond_x0.dtype)
+    cond, update = cond_x0.to(dtype), update.to(dtype)
+    factor = clip_factor(update, threshold)
+    cond_weight = 1 - ((scale - 1) * (1 - eta)) * factor * parallel_coefficient(update, cond)
+    update_weight = (scale - 1) * factor
+    guided = (cond * cond_weight.to(dtype)).addcmul_(update, update_weight.to(dtype))
+    return guided.to(cond_x0.dtype)
 
 
 @register("apg")
@@ -100,6 +118,7 @@ class APG(Guidance):
     def reset(self) -> None:
         self._buffer: torch.Tensor | None = None  # M_k of the latest evaluation, [batch, ...]
         self._previous: torch.Tensor | None = None  # M before the current step ("step" mode, 2nd stage)
+        self._noise_level: float | None = None  # noise level of the latest evaluation
 
     def threshold_for(self, sample: torch.Tensor) -> float:
         """The clip radius r for samples shaped like ``sample`` (see ``norm_threshold``)."""
@@ -111,12 +130,18 @@ class APG(Guidance):
         return [Branch("cond")] if self.guidance_scale == 1.0 else [Branch("uncond"), Branch("cond")]
 
     def _accumulate(self, diff: torch.Tensor, step: Step) -> torch.Tensor:
-        """M_k = diff + beta * M_{k-1} for the rows of ``step``; the buffer keeps the whole batch."""
+        """M_k = diff + beta * M_{k-1} for the rows of ``step``; the buffer keeps the whole batch.
+
+        A rise of the noise level (a new generation, a second img2img pass) starts the sum again (spaces.md §4).
+        """
         if self.momentum == 0:
             return diff
+        if self._noise_level is not None and step.noise_level > self._noise_level:
+            self.reset()
+        self._noise_level = step.noise_level
         if self._buffer is None:
             shape = (step.batch_size, *diff.shape[1:])
-            self._buffer = torch.zeros(shape, dtype=diff.dtype, device=diff.device)
+            self._buffer = self._previous = torch.zeros(shape, dtype=diff.dtype, device=diff.device)
         rows = slice(None) if step.rows is None else step.rows
         advance = self.momentum_per == "evaluation" or step.first_stage
         if advance:

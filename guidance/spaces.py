@@ -83,6 +83,14 @@ def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor, dim=batch_dims(tensor), keepdim=True)
 
 
-def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inner product per sample over all non-batch dims, shaped ``[B, 1, ..., 1]``."""
-    return (a * b).sum(dim=batch_dims(a), keepdim=True)
+def per_sample_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inner product per sample over all non-batch dims, shaped ``[B, 1, ..., 1]``.
+
+    ``dtype`` accumulates the sum in a wider type (the element-wise products stay in the inputs' dtype).
+    """
+    return (a * b).sum(dim=batch_dims(a), keepdim=True, dtype=dtype)
+
+
+def reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 for precise per-sample reductions, float32 on MPS (which has no float64)."""
+    return torch.float32 if tensor.device.type == "mps" else torch.float64
