@@ -20,8 +20,9 @@ choice configurable at fitting time and stored with the coefficients:
   the same model, scheduler, step count, scale, resolution and negative-prompt policy (:func:`fit_linear_ag`), with
   true past predictions as regressors (teacher forcing). The relative residual on held-out runs is stored per
   evaluation.
-* As in :class:`~guidance.adaptive.AdaptiveGuidance` (``reduce="all"``), once gamma reaches ``threshold`` the
-  remaining steps are conditional-only. On designated steps gamma is computed from the estimate.
+* As in :class:`~guidance.adaptive.AdaptiveGuidance`, once gamma reaches ``threshold`` the remaining steps are
+  conditional-only (for the whole batch, or per sample with ``reduce="per-sample"``). On designated steps gamma is
+  computed from the estimate; samples that already switched are not estimated.
 
 The coefficients are saved as safetensors with their metadata (model id, scheduler class, step count, base rule and
 scale, prediction type, sample shape, per-evaluation timesteps and noise levels, the designation) in the header.
@@ -168,6 +169,7 @@ class LinearAG(AdaptiveGuidance):
         scheduler: the scheduler's class name (or the scheduler itself); must equal the fitted one.
         threshold: AG's gamma-bar in (0, 1]: conditional-only steps after it is reached (calibrate it).
         space: where AG's gamma is measured, ``"x0"`` or ``"output"``.
+        reduce: AG's switch for the whole batch (``"all"``) or per sample (``"per-sample"``).
         base: the guidance rule; ``None`` takes the one the coefficients were fitted with (any other must match it).
 
     Step count, prediction type, sample shape and every evaluation's timestep and noise level are checked against
@@ -181,6 +183,7 @@ class LinearAG(AdaptiveGuidance):
         scheduler: Any,
         threshold: float = 0.991,
         space: str = "x0",
+        reduce: str = "all",
         base: Guidance | str | dict[str, Any] | None = None,
     ) -> None:
         fitted = coefficients if isinstance(coefficients, LinearAGCoefficients) else LinearAGCoefficients.load(coefficients)
@@ -194,7 +197,7 @@ class LinearAG(AdaptiveGuidance):
         self._history_length = int(fitted.metadata["history"])
         self._use_sample = bool(fitted.metadata["use_sample"])
         self._intercept = bool(fitted.metadata["intercept"])
-        super().__init__(base=rule, threshold=threshold, space=space)
+        super().__init__(base=rule, threshold=threshold, space=space, reduce=reduce)
 
     def reset(self) -> None:
         super().reset()
@@ -211,7 +214,7 @@ class LinearAG(AdaptiveGuidance):
 
     def _estimated(self, step: Step) -> torch.Tensor | None:
         """This evaluation's coefficients when its unconditional output is estimated (before the AG switch)."""
-        if self._switched(step).any():
+        if self._switched(step).all():
             return None
         return self._fitted.for_evaluation(step.evaluation)
 
@@ -222,14 +225,17 @@ class LinearAG(AdaptiveGuidance):
         return super().branches(step, preds)
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
+        active = ~self._switched(step)  # samples still guided; the others' estimates and history are never read
         coefficients = self._estimated(step)
         if coefficients is not None:
             past = list(reversed(self._past))[: self._history_length]
             sample = step.sample if self._use_sample else None
-            columns = regressors(preds["cond"], past, sample, self._intercept)
-            preds = {**preds, "uncond": affine_combination(coefficients, columns)}
+            estimate = affine_combination(coefficients, regressors(preds["cond"], past, sample, self._intercept))
+            preds = {**preds, "uncond": estimate[active.to(estimate.device)]}
         if "uncond" in preds and self._history_length:
-            self._past.append((preds["cond"], preds["uncond"]))
+            uncond = preds["cond"].clone()
+            uncond[active.to(uncond.device)] = preds["uncond"]
+            self._past.append((preds["cond"], uncond))
         return super().combine(preds, step)
 
 

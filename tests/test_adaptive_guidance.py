@@ -449,6 +449,27 @@ def test_oracle_linear_ag_equals_cfg_and_saves_the_designated_evaluations(tmp_pa
     torch.testing.assert_close(affine_run(seed=7)(fitted_rule)[0].latents, cfg.latents, rtol=0, atol=1e-9)
 
 
+def test_oracle_linear_ag_per_sample_equals_per_sample_ag():
+    """Per-sample switches (some before the last designated step): estimates only for samples still guided."""
+    fitted = fitted_affine(history=1)
+    oracle = fitted.coefficients.clone().zero_()
+    oracle[:, 0] = torch.tensor([AffineUncondModel.factor(t) for t in fitted_timesteps(fitted)], dtype=torch.float64)
+    coefficients = LinearAGCoefficients(oracle, fitted.evaluations, fitted.metadata)
+    gammas = record_gammas(affine_run(seed=7), base=CFG(SCALE))
+    values = gammas[:, 4].sort().values
+    threshold = float(values[1:3].mean())  # two samples reach it by step 4, two later
+    expected = switch_steps(gammas, threshold).tolist()
+    assert min(expected) <= 4 < 5 <= max(expected)  # designated step 5 is estimated for some samples only
+    ag_rule = AdaptiveGuidance(CFG(SCALE), threshold=threshold, reduce="per-sample")
+    ag, _, _ = affine_run(seed=7)(ag_rule)
+    rule = LinearAG(coefficients, model_id="affine", scheduler="DDIMScheduler", threshold=threshold, reduce="per-sample")
+    lag, _, _ = affine_run(seed=7)(rule)
+    assert ag_rule.sample_switch_steps == rule.sample_switch_steps == expected
+    torch.testing.assert_close(lag.latents, ag.latents, rtol=0, atol=1e-12)
+    saved = [sum(1 for d in (1, 3, 5) if d <= k) for k in expected]
+    assert lag.nfe_per_sample == [n - s for n, s in zip(ag.nfe_per_sample, saved)]
+
+
 def fitted_timesteps(fitted: LinearAGCoefficients) -> list[float]:
     return [fitted.metadata["evaluations_meta"][e]["timestep"] for e in fitted.evaluations]
 
