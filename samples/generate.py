@@ -1,0 +1,390 @@
+"""``guidance-generate``: sample every guidance method side by side and write a labelled grid plus a summary.
+
+With no arguments it loads the embedded 8x8-digits model shipped in ``samples/weights/digits``, samples every
+registered guidance (CFG first, as the reference) at its default settings with the same seeds, and writes to
+``outputs/``:
+
+* ``grid.png`` -- one row per method, one column block per class;
+* ``summary.txt`` / ``summary.csv`` -- one line per method: network evaluations (NFE) per image, seconds, class
+  accuracy by the embedded *evaluation* network (never the classifier GFCG guides with), and notes.
+
+``--model`` points the same job at a local pipeline folder or a hub id (Stable Diffusion, SDXL, SD3 or
+class-conditional: the class comes from ``model_index.json``). Bad arguments print one ``guidance-generate: error:``
+line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_START = time.perf_counter()
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no torchvision notices
+
+import argparse
+import csv
+import inspect
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub.utils import logging as hub_logging
+from tqdm.auto import tqdm
+
+from guidance import Guidance, available_guidance, resolve_guidance
+from guidance.registry import guidance_class
+from pipelines import GuidedClassConditionalPipeline
+from samples.grid import labelled_grid
+from samples.loading import DTYPES, SCHEDULERS, load_pipeline, pipeline_class, read_class_name, set_scheduler
+from samples.method_inputs import MethodInputs, fit_linear_ag_coefficients, generators
+
+PROG = "guidance-generate"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+EMBEDDED_MODEL = WEIGHTS_DIR / "digits"
+
+# Defaults for the embedded digits model (chosen by looking at the grid; see the README).
+DIGITS_SCHEDULER = "ddim"
+DIGITS_SCALE = 3.0
+DIGITS_IMAGES = 4
+DEFAULT_STEPS = 30
+DEFAULT_IMAGES = 1  # per class / prompt for other models (they are far slower)
+MAX_DEFAULT_CLASSES = 10  # more classes than this must be chosen with --class-label
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _class_label(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Sample every guidance method with the same seeds; write a labelled grid and a summary.",
+        epilog=f"guidance methods: {', '.join(available_guidance())} (join with '+' to compose, e.g. nlg+apg+tag)",
+    )
+    parser.add_argument("--model", help="local pipeline folder or hub id (default: the embedded 8x8 digits model)")
+    parser.add_argument("--prompt", nargs="+", help="prompt(s) for a text-to-image model, one column block each")
+    parser.add_argument("--negative-prompt", help="negative prompt (text-to-image models)")
+    parser.add_argument(
+        "--class-label", nargs="+", type=_class_label, help="class ids or names (default: every class)"
+    )
+    parser.add_argument(
+        "--guidance", nargs="+", help="guidance method name(s), or a+b to compose (default: every registered method)"
+    )
+    parser.add_argument(
+        "--scale", type=float,
+        help=f"guidance_scale for methods that take one (default: {DIGITS_SCALE} for the digits model, "
+        "else each method's own default)",
+    )
+    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="sampling steps (default: %(default)s)")
+    parser.add_argument(
+        "--scheduler", choices=list(SCHEDULERS),
+        help=f"sampler (default: {DIGITS_SCHEDULER} for the digits model, else the model's own)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
+    parser.add_argument(
+        "--num-images", type=_positive_int,
+        help=f"images per class / prompt (default: {DIGITS_IMAGES} for the digits model, else {DEFAULT_IMAGES})",
+    )
+    parser.add_argument("--out", default="outputs", help="output folder (default: %(default)s)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: %(default)s)")
+    return parser
+
+
+@dataclass
+class Job:
+    """What every method samples: the pipeline call's conditioning, seeds and column layout."""
+
+    call: dict[str, Any]
+    columns: list[str]
+    per_column: int
+    seeds: list[int]
+    targets: torch.Tensor | None = None  # class id per image, for the accuracy column
+
+
+@dataclass
+class MethodResult:
+    name: str
+    images: torch.Tensor | None = None  # [N, C, H, W] in [0, 1]
+    nfe: float | None = None
+    seconds: float | None = None
+    accuracy: float | None = None
+    note: str = ""
+    config: Any = field(default=None)
+
+
+def is_embedded(model: str | None) -> bool:
+    """Whether ``model`` is one of the digits checkpoints shipped in ``samples/weights``."""
+    return model is None or Path(model).expanduser().resolve().parent == WEIGHTS_DIR
+
+
+def resolve_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tuple[Guidance, list[str]]:
+    """The guidance module for ``spec`` (a registered name, or names joined by ``+``), and the notes of its inputs.
+
+    ``scale`` is passed as ``guidance_scale`` to every module that takes one. Constructor arguments that ``inputs``
+    provides are filled from it (GFCG's ``classifier``, LinearAG's ``coefficients``...); a required one that it does
+    not provide is a ``ValueError`` naming it.
+    """
+    modules, notes = [], []
+    for name in spec.split("+"):
+        cls = guidance_class(name)
+        kwargs: dict[str, Any] = {}
+        for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if param.name == "guidance_scale" and scale is not None:
+                kwargs["guidance_scale"] = scale
+            elif param.name in inputs:
+                kwargs[param.name] = inputs.get(param.name)
+                notes.extend([inputs.notes[param.name]] if param.name in inputs.notes else [])
+            elif param.default is param.empty:
+                raise ValueError(f"{name} needs {param.name}= (not available for this model; build it in Python)")
+        modules.append(cls(**kwargs))
+    return resolve_guidance(modules), notes
+
+
+def _config(guidance: Guidance) -> Any:
+    """JSON-safe configuration (objects such as a classifier network become their class name)."""
+    return json.loads(json.dumps(guidance.config(), default=lambda obj: type(obj).__name__))
+
+
+def check_conditioning_kind(args: argparse.Namespace, class_conditional: bool) -> None:
+    """Class labels for class-conditional models, prompts for text-to-image ones (checked before loading)."""
+    if class_conditional and (args.prompt is not None or args.negative_prompt is not None):
+        raise ValueError("this is a class-conditional model: use --class-label, not --prompt/--negative-prompt")
+    if not class_conditional and args.class_label is not None:
+        raise ValueError("this is a text-to-image model: use --prompt, not --class-label")
+    if not class_conditional and not args.prompt:
+        raise ValueError("this is a text-to-image model: give --prompt")
+
+
+def plan_job(pipe: Any, args: argparse.Namespace, per_column: int) -> Job:
+    """Check the class labels against the model and lay out the images (one column block per class / prompt)."""
+    if isinstance(pipe, GuidedClassConditionalPipeline):
+        if args.class_label is None:
+            if pipe.num_classes > MAX_DEFAULT_CLASSES:
+                raise ValueError(f"this model has {pipe.num_classes} classes: choose some with --class-label")
+            ids = list(range(pipe.num_classes))
+        else:
+            ids = pipe.class_ids(args.class_label)
+        names = pipe.config.id2label or {}
+        columns = [str(names.get(str(i), i)) for i in ids]
+        labels = [i for i in ids for _ in range(per_column)]
+        call = {"class_labels": labels}
+        targets = torch.tensor(labels)
+    else:
+        columns = list(args.prompt)
+        negative = None if args.negative_prompt is None else [args.negative_prompt] * len(columns)
+        call = {"prompt": columns, "num_images_per_prompt": per_column, "negative_prompt": negative}
+        targets = None
+    seeds = [args.seed + k for k in range(len(columns) * per_column)]
+    return Job(call, columns, per_column, seeds, targets)
+
+
+def call_pipeline(pipe: Any, guidance: Guidance, job: Job, steps: int, seeds: list[int], output_type: str = "pt") -> Any:
+    """One pipeline call of ``job`` with ``guidance`` and one generator per seed."""
+    return pipe(
+        **job.call, guidance=guidance, num_inference_steps=steps, generator=generators(seeds), output_type=output_type
+    )
+
+
+def sample(pipe: Any, guidance: Guidance, job: Job, steps: int) -> tuple[torch.Tensor, float, float]:
+    """Images ``[N, C, H, W]`` in [0, 1], NFE per image and seconds for one method."""
+    start = time.perf_counter()
+    output = call_pipeline(pipe, guidance, job, steps, job.seeds)
+    seconds = time.perf_counter() - start
+    images = output.images if isinstance(output.images, torch.Tensor) else torch.stack(list(output.images))
+    return images.float().cpu(), float(output.nfe), seconds
+
+
+@torch.no_grad()
+def class_accuracy(evaluator: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of ``images`` (in [0, 1]) that ``evaluator`` (on [-1, 1] inputs) assigns to their target class."""
+    logits = evaluator(images * 2 - 1)
+    return float((logits.argmax(dim=1) == targets).float().mean())
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def _short(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def summary_lines(results: Sequence[MethodResult]) -> list[str]:
+    """The printed table: one line per method (long notes shortened; the CSV keeps them whole)."""
+    width = max(len("method"), *(len(r.name) for r in results))
+    lines = [f"{'method':<{width}}  {'NFE/image':>9}  {'seconds':>7}  {'accuracy':>8}  note"]
+    for r in results:
+        accuracy = "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
+        lines.append(
+            f"{r.name:<{width}}  {_fmt(r.nfe, 'g'):>9}  {_fmt(r.seconds, '.2f'):>7}  {accuracy:>8}  {_short(r.note)}".rstrip()
+        )
+    return lines
+
+
+def write_outputs(results: Sequence[MethodResult], job: Job, out: Path, header: str) -> list[str]:
+    """Write ``grid.png``, ``summary.txt`` and ``summary.csv`` under ``out``; return the summary lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in results:
+        if r.images is None:
+            continue
+        details = [f"NFE {r.nfe:g}"] + ([f"acc {100 * r.accuracy:.0f}%"] if r.accuracy is not None else [])
+        rows.append((f"{r.name}\n{', '.join(details)}", r.images))
+    if rows:
+        labelled_grid(rows, job.columns, job.per_column).save(out / "grid.png")
+    lines = summary_lines(results)
+    (out / "summary.txt").write_text("\n".join([header, *lines]) + "\n")
+    with open(out / "summary.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "nfe_per_image", "seconds", "accuracy", "note", "config"])
+        for r in results:
+            writer.writerow([
+                r.name, _fmt(r.nfe, "g"), _fmt(r.seconds, ".3f"), _fmt(r.accuracy, ".4f"), r.note,
+                "" if r.config is None else json.dumps(r.config),
+            ])
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """The job behind :func:`main` (arguments already parsed)."""
+    device = resolve_device(args.device)
+    embedded = is_embedded(args.model)
+    known = available_guidance()
+    specs = args.guidance or known
+    for spec in specs:
+        for name in spec.split("+"):
+            if name not in known:
+                raise ValueError(f"unknown guidance {name!r}; available: {', '.join(known)}")
+    model = str(EMBEDDED_MODEL) if args.model is None else args.model
+    if args.model is None and not EMBEDDED_MODEL.is_dir():
+        raise OSError(f"the embedded model is missing ({EMBEDDED_MODEL}); train it with python -m samples.train_digits")
+
+    cls = pipeline_class(read_class_name(model))
+    check_conditioning_kind(args, issubclass(cls, GuidedClassConditionalPipeline))
+    pipe = load_pipeline(model, device=device, dtype=DTYPES[args.dtype], cls=cls)
+    scheduler = args.scheduler or (DIGITS_SCHEDULER if embedded else None)
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    per_column = args.num_images or (DIGITS_IMAGES if embedded else DEFAULT_IMAGES)
+    scale = args.scale if args.scale is not None else (DIGITS_SCALE if embedded else None)
+    job = plan_job(pipe, args, per_column)
+
+    inputs = MethodInputs()
+    inputs.provide("model_id", model)
+    inputs.provide("scheduler", pipe.scheduler)
+    inputs.provide("coefficients", make=lambda: fit_linear_ag_coefficients(
+        lambda guidance, seeds: call_pipeline(pipe, guidance, job, args.steps, seeds, output_type="latent"),
+        job.seeds, args.steps, model, pipe.scheduler, scale,
+    ))
+    evaluator = None
+    if embedded:
+        from samples.digits_nets import load_classifier, load_evaluator
+
+        inputs.provide("classifier", load_classifier().to(device))
+        evaluator = load_evaluator().to(device)
+
+    results: list[MethodResult] = []
+    methods: list[tuple[str, Guidance, list[str]]] = []
+    for spec in specs:
+        try:
+            methods.append((spec, *build_guidance(spec, scale, inputs)))
+        except (ValueError, TypeError) as error:
+            if args.guidance:  # asked for by name: an error, not a silent skip
+                raise ValueError(f"--guidance {spec}: {error}") from None
+            results.append(MethodResult(spec, note=f"skipped: {error}"))
+
+    header = (
+        f"model {model} ({type(pipe).__name__}), scheduler {type(pipe.scheduler).__name__}, {args.steps} steps, "
+        f"scale {'method default' if scale is None else scale}, {len(job.seeds)} images per method, seeds "
+        f"{job.seeds[0]}..{job.seeds[-1]}, device {device}, {args.dtype}"
+    )
+    print(header)
+    failed = 0
+    pipe.set_progress_bar_config(leave=False)
+    for spec, guidance, notes in tqdm(methods, desc="methods", unit="method"):
+        result = MethodResult(spec, note="; ".join(notes), config=_config(guidance))
+        try:
+            result.images, result.nfe, result.seconds = sample(pipe, guidance, job, args.steps)
+        except (ValueError, TypeError) as error:
+            result.note = f"failed: {error}"
+            failed += 1
+        if evaluator is not None and result.images is not None:
+            result.accuracy = class_accuracy(evaluator, result.images.to(device), job.targets.to(device))
+        results.append(result)
+    results.sort(key=lambda r: specs.index(r.name))
+
+    out = Path(args.out)
+    lines = write_outputs(results, job, out, header)
+    print("\n".join(lines))
+    written = [p for p in ("grid.png", "summary.txt", "summary.csv") if (out / p).exists()]
+    print(f"wrote {', '.join(str(out / p) for p in written)}")
+    print(f"total {time.perf_counter() - _START:.1f} s")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (2 for bad arguments, 1 if a method failed while sampling)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or an argument error already printed as one line
+        return int(exit_.code or 0)
+    verbosity, loading_bar = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    hub_verbosity = hub_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # no multi-line retry notices when the hub cannot be reached
+    diffusers_logging.disable_progress_bar()  # the loading bar; the sampling bars are the pipeline's own
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub_verbosity)
+        if loading_bar:
+            diffusers_logging.enable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Constructor arguments that ``guidance-generate`` supplies to guidance modules, beyond ``guidance_scale``.
+
+A registered method whose constructor has an argument of one of these names gets it from the job:
+
+* ``classifier`` -- GFCG's guiding classifier (the embedded digits model ships one; other models have none);
+* ``model_id``, ``scheduler`` -- this run's model and scheduler (LinearAG checks its coefficients against them);
+* ``coefficients`` -- LinearAG's affine coefficients, fitted on the fly on calibration runs with *other* seeds than
+  the samples (fitted coefficients only fit one model, scheduler, step count and scale, so none can be shipped for
+  every run). The fit's cost is reported in a note, not in the method's NFE or seconds.
+
+Values are computed on first use, so a run without LinearAG never pays for its calibration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from guidance.base import Guidance
+from guidance.cfg import CFG
+
+CALIBRATION_SEED_OFFSET = 1_000_003  # calibration images use seeds far from the sampled ones
+
+
+class MethodInputs:
+    """Named constructor arguments: fixed values, or makers called once on first use that return ``(value, note)``."""
+
+    def __init__(self) -> None:
+        self._makers: dict[str, Callable[[], tuple[Any, str]]] = {}
+        self._values: dict[str, Any] = {}
+        self.notes: dict[str, str] = {}
+
+    def provide(self, name: str, value: Any = None, make: Callable[[], tuple[Any, str]] | None = None) -> None:
+        """Supply ``name`` as ``value``, or as the value ``make()`` returns when ``name`` is first asked for."""
+        if make is None:
+            self._values[name] = value
+        else:
+            self._makers[name] = make
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values or name in self._makers
+
+    def get(self, name: str) -> Any:
+        if name not in self._values:
+            self._values[name], note = self._makers.pop(name)()
+            if note:
+                self.notes[name] = note
+        return self._values[name]
+
+
+def fit_linear_ag_coefficients(
+    run: Callable[[Guidance, list[int]], Any],
+    seeds: list[int],
+    num_steps: int,
+    model_id: str,
+    scheduler: Any,
+    scale: float | None,
+) -> tuple[Any, str]:
+    """LinearAG coefficients for this run (CFG at ``scale``, alternate steps of the first half), and a note.
+
+    ``run(guidance, seeds)`` performs one pipeline call with ``guidance`` and one generator per seed.
+    """
+    from guidance.linear_ag import alternate_steps, fit_linear_ag
+
+    calibration = [seed + CALIBRATION_SEED_OFFSET for seed in seeds]
+    start = time.perf_counter()
+    coefficients = fit_linear_ag(
+        lambda guidance: run(guidance, calibration),
+        steps=alternate_steps(num_steps),
+        model_id=model_id,
+        scheduler=scheduler,
+        base=CFG() if scale is None else CFG(scale),
+    )
+    seconds = time.perf_counter() - start
+    note = (
+        f"coefficients fitted on the fly on {len(seeds)} calibration images (other seeds) in {seconds:.1f} s, "
+        "not counted"
+    )
+    return coefficients, note
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image (CPU, so a seed gives the same noise on every device)."""
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
