@@ -1,0 +1,327 @@
+"""``guidance-evaluate``: FID-style evaluation of guidance methods across scales, sharded and resumable.
+
+For a model (the embedded 8x8 digits model by default, or a local pipeline folder / hub id), every method in
+``--methods`` at every scale in ``--scales`` is a *cell* of ``--num-samples`` images with per-image seeds
+(:mod:`samples.evaluation_jobs`). Generation runs in shards (:mod:`samples.shards`) spread over the processes of
+``accelerate launch`` / ``torchrun`` (one process without a launcher); each shard is written atomically and re-running
+the same command resumes. After all processes finish, process 0 extracts features (:mod:`samples.features`), computes
+the metrics and writes the tables, plots and grids (:mod:`samples.evaluation_report`).
+
+Metrics per cell: Frechet distance to the reference statistics (:mod:`samples.metrics`), precision and recall
+(k = 3, :mod:`samples.precision_recall`), class accuracy by the embedded evaluation network (digits only; never the
+classifier GFCG guides with), saturation (:mod:`samples.saturation`), NFE per image and images per second (per
+process). Bad input prints one ``guidance-evaluate: error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+from tqdm.auto import tqdm
+
+from samples import evaluation_report, shards
+from samples.digits_data import load_digits_split
+from samples.digits_nets import WEIGHTS_DIR, WEIGHTS_NAME, load_classifier
+from samples.evaluation_jobs import (
+    Cell,
+    Task,
+    UsageError,
+    build_guidance,
+    default_methods,
+    describe_task,
+    fingerprint,
+    generate,
+    method_config,
+    needs_classifier,
+    plan_cells,
+)
+from samples.features import (
+    EXTRACTOR_KINDS,
+    DigitsExtractor,
+    FeatureExtractor,
+    Reference,
+    build_extractor,
+    file_digest,
+    folder_reference,
+    read_reference_npz,
+    reference_extractor_id,
+    to_uint8,
+)
+from samples.loading import DTYPES, SCHEDULERS, load_pipeline, set_scheduler
+from samples.metrics import feature_statistics, frechet_distance_from_statistics
+from samples.precision_recall import K_DEFAULT, precision_recall
+from samples.saturation import DEFINITIONS, saturation_kind
+
+PROG = "guidance-evaluate"
+EMBEDDED_MODEL = WEIGHTS_DIR / "digits"
+MANIFEST = "run.json"
+#: test hook: a process raises after writing this many shards (simulates a crash in the middle of a run)
+FAIL_AFTER_ENV = "GUIDANCE_EVALUATE_FAIL_AFTER_SHARDS"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="FID-style evaluation of guidance methods across scales (see README).")
+    add = parser.add_argument
+    add("--model", default=str(EMBEDDED_MODEL), help="pipeline folder or hub id (default: the embedded digits model)")
+    add("--methods", nargs="+", help="registered names, names joined by '+' (nlg+cfg), or LABEL=JSON config with "
+        "'$scale' for the scale (default: every registered method)")
+    add("--scales", nargs="+", type=float, default=[1.0, 2.0, 4.0], help="guidance scales (default: %(default)s)")
+    add("--num-samples", "-n", type=int, default=1000, help="images per method and scale (default: %(default)s)")
+    add("--seed", type=int, default=0, help="image i uses seed + i (default: %(default)s)")
+    add("--steps", type=int, default=25, help="sampling steps (default: %(default)s)")
+    add("--scheduler", choices=list(SCHEDULERS), help="swap the model's scheduler (default: ddim for the embedded "
+        "model, else the model's own)")
+    add("--batch-size", type=int, default=250, help="images per pipeline call (default: %(default)s)")
+    add("--shard-size", type=int, default=500, help="images per shard file (default: %(default)s)")
+    add("--output", "-o", default="evaluation", help="output folder (default: %(default)s)")
+    add("--prompts", help="text-to-image: a .txt file (one prompt per line) or a .csv (column prompt/text/caption)")
+    add("--reference", help="real images: a folder of images or a .npz with mu, sigma, extractor (+ features) "
+        "(default for the embedded model: the digits held-out split)")
+    add("--save-reference", help="also write the reference statistics and features to this .npz")
+    add("--extractor", choices=EXTRACTOR_KINDS, default="auto", help="feature extractor (default: %(default)s: "
+        "Inception when its weights are given, else FD-digits)")
+    add("--inception-weights", help="inception-2015-12-05.pt (TorchScript; or set $GUIDANCE_INCEPTION_WEIGHTS)")
+    add("--evaluator", help="evaluation network folder for FD-digits and class accuracy (default: the embedded one)")
+    add("--classifier", help="guidance classifier folder for methods that take one, e.g. gfcg (default: embedded)")
+    add("--grid-per-class", type=int, default=2, help="images per class/prompt in each grid (default: %(default)s)")
+    add("--device", help="torch device (default: the one accelerate assigns to this process)")
+    add("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: %(default)s)")
+    add("--dry-run", action="store_true", help="print the job count and a time estimate (one timed batch per method)")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.num_samples < 2:
+        raise UsageError(f"--num-samples must be >= 2 (a covariance needs two samples), got {args.num_samples}")
+    for name in ("steps", "batch_size", "shard_size", "grid_per_class"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.reference and not Path(args.reference).exists():
+        raise UsageError(f"--reference {args.reference}: no such file or folder")
+
+
+def guidance_classifier(args: argparse.Namespace, task: Task, device: str) -> tuple[Any, str | None]:
+    """The classifier for rules that take one (digits models only from the command line) and its id."""
+    if not args.classifier and not task.is_digits:
+        raise UsageError("a method needs a classifier; from the command line only the digits classifier "
+                         "(--classifier FOLDER) is available, for 8x8 digit models")
+    folder = Path(args.classifier) if args.classifier else WEIGHTS_DIR / "classifier"
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise UsageError(f"guidance classifier not found: {folder / WEIGHTS_NAME}")
+    return load_classifier(folder).to(device), f"digits-classifier/{file_digest(folder / WEIGHTS_NAME)}"
+
+
+def check_manifest(out: Path, extractor_id: str) -> None:
+    """Refuse to mix extractors in one output folder (a resumed run must use the same one)."""
+    path = out / MANIFEST
+    if path.is_file():
+        found = json.loads(path.read_text()).get("extractor")
+        if found != extractor_id:
+            raise UsageError(f"{out} holds results made with extractor {found}; this run uses {extractor_id}: "
+                             "results of different extractors are never merged (use another --output)")
+
+
+def write_manifest(out: Path, meta: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard], root: Path,
+               classifier: Any, batch_size: int, show: bool) -> None:
+    """Generate and write this process's shards (progress bar with ETA on the main process)."""
+    by_key = {cell.key: cell for cell in cells}
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV) or 0)
+    modules: dict[str, Any] = {}
+    with tqdm(total=sum(s.count for s in todo), unit="img", desc="generate", disable=not show) as bar:
+        for written, shard in enumerate(todo, start=1):
+            cell = by_key[shard.cell]
+            if cell.key not in modules:
+                modules[cell.key] = build_guidance(cell.config, classifier)
+            bar.set_postfix_str(f"{cell.method} w={cell.scale:g}")
+            start = time.perf_counter()
+            arrays = generate(pipe, task, modules[cell.key], shard.indices, batch_size)
+            arrays["seconds"] = np.array(time.perf_counter() - start)
+            shards.write_shard(root, shard, arrays)
+            bar.update(shard.count)
+            if fail_after and written >= fail_after:
+                raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopped after {written} shards (test hook)")
+
+
+def dry_run(pipe: Any, task: Task, cells: list[Cell], plans: dict[str, list[shards.Shard]], todo: list[shards.Shard],
+            classifier: Any, args: argparse.Namespace, world: int) -> str:
+    """The job count and an estimate of the generation time from one timed batch per method."""
+    probe = min(args.batch_size, 16)
+    per_image: dict[str, float] = {}
+    for cell in cells:
+        if cell.method not in per_image:
+            start = time.perf_counter()
+            generate(pipe, task, build_guidance(cell.config, classifier), range(probe), probe)
+            per_image[cell.method] = (time.perf_counter() - start) / probe
+    pending = {cell.key: sum(s.count for s in todo if s.cell == cell.key) for cell in cells}
+    seconds = sum(per_image[cell.method] * pending[cell.key] for cell in cells) / world
+    methods = len(per_image)
+    return (f"{len(cells)} cells ({methods} methods x {len(args.scales)} scales) x {args.num_samples} images = "
+            f"{len(cells) * args.num_samples} images in {sum(map(len, plans.values()))} shards; pending: "
+            f"{sum(pending.values())} images in {len(todo)} shards\nestimated generation time: {seconds / 60:.1f} min "
+            f"on {world} process(es) (from one timed batch of {probe} images per method)")
+
+
+def load_reference(args: argparse.Namespace, task: Task, extractor: FeatureExtractor) -> Reference:
+    """The real-image statistics: ``--reference`` (folder or .npz) or the digits held-out split."""
+    if args.reference and Path(args.reference).is_dir():
+        return folder_reference(args.reference, extractor, task.image_shape)
+    if args.reference:
+        return read_reference_npz(args.reference, extractor.id)
+    images = to_uint8(load_digits_split().test_images)
+    return Reference.from_features(extractor.extract(images), extractor.id, f"digits held-out split ({len(images)})")
+
+
+def cell_metrics(root: Path, cell: Cell, plan: list[shards.Shard], extractor: FeatureExtractor,
+                 accuracy_net: DigitsExtractor | None, reference: Reference) -> dict[str, Any]:
+    """One results row; shards are read one at a time and their images replaced by features."""
+
+    def convert(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = arrays.pop("images")
+        arrays["features"] = extractor.extract(images).astype(np.float32)
+        if accuracy_net is not None:
+            arrays["correct"] = accuracy_net.predict(images) == arrays["labels"]
+        return arrays
+
+    samples, per_shard = shards.read_cell(root, plan, convert)
+    feats = samples["features"].astype(np.float64)
+    fd = frechet_distance_from_statistics(*feature_statistics(feats), reference.mu, reference.sigma)
+    precision = recall = float("nan")
+    if reference.features is not None and min(len(feats), len(reference.features)) > K_DEFAULT:
+        precision, recall = precision_recall(reference.features, feats, k=K_DEFAULT)
+    return {
+        "method": cell.method, "scale": cell.scale, "num_samples": len(feats), "fd": fd,
+        "precision": precision, "recall": recall,
+        "class_accuracy": float(samples["correct"].mean()) if "correct" in samples else float("nan"),
+        "saturation": float(samples["saturation"].mean()), "clipped_fraction": float(samples["clipped"].mean()),
+        "nfe_per_image": float(samples["nfe"].mean()),
+        "images_per_s": len(feats) / float(per_shard["seconds"].sum()),
+        "extractor": extractor.id, "cell": cell.key, "config": json.loads(json.dumps(cell.config, default=str)),
+    }
+
+
+def setup(args: argparse.Namespace, device: str) -> tuple[Any, Task, FeatureExtractor, DigitsExtractor | None]:
+    """Load the model and check everything that can be checked before any sample is generated."""
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = load_pipeline(args.model, device, DTYPES[args.dtype])
+        embedded = Path(args.model).expanduser().resolve() == EMBEDDED_MODEL.resolve()
+        if args.scheduler or embedded:
+            set_scheduler(pipe, args.scheduler or "ddim")
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    pipe.set_progress_bar_config(disable=True)
+    task = describe_task(pipe, args.steps, args.seed, args.prompts)
+    if not args.reference and not task.is_digits:
+        kind = "text-to-image" if not task.class_conditional else "this model's"
+        raise UsageError(f"{kind} evaluation needs --reference (a folder of real images or a .npz of statistics)")
+    try:
+        extractor = build_extractor(args.extractor, task.image_shape, args.inception_weights, args.evaluator, device)
+        accuracy_net = None
+        if task.is_digits:
+            same = isinstance(extractor, DigitsExtractor)
+            accuracy_net = extractor if same else DigitsExtractor(args.evaluator, device)
+        if args.reference and Path(args.reference).is_file():
+            found = reference_extractor_id(args.reference)
+            if found != extractor.id:
+                raise UsageError(f"--reference {args.reference} was made with extractor {found}, this run uses "
+                                 f"{extractor.id}: statistics of different extractors are never compared")
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    return pipe, task, extractor, accuracy_net
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    validate(args)
+    # without CUDA (or under `accelerate launch --cpu`) several processes talk over gloo on the CPU
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    device = args.device or str(state.device)
+    pipe, task, extractor, accuracy_net = setup(args, device)
+    methods = args.methods or default_methods()
+    classifier, classifier_id = None, None
+    if any(needs_classifier(method_config(spec, args.scales[0])[1]) for spec in methods):
+        classifier, classifier_id = guidance_classifier(args, task, device)
+    cells = plan_cells(methods, args.scales, fingerprint(args.model, pipe, task, args.dtype, args.shard_size),
+                       classifier_id)
+    out = Path(args.output)
+    check_manifest(out, extractor.id)
+    plans = {cell.key: shards.plan(cell.key, args.num_samples, args.shard_size) for cell in cells}
+    todo = shards.pending(out, [shard for plan in plans.values() for shard in plan])
+    if args.dry_run:
+        message = dry_run(pipe, task, cells, plans, todo, classifier, args, state.num_processes)
+        if state.is_main_process:
+            print(message)
+        return 0
+
+    state.wait_for_everyone()  # every process has listed the pending shards before any is written
+    if state.is_main_process:
+        write_manifest(out, {"extractor": extractor.id, "model": args.model})
+    mine = shards.assign(todo, state.process_index, state.num_processes)
+    run_shards(pipe, task, cells, mine, out, classifier, args.batch_size, state.is_main_process)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+
+    reference = load_reference(args, task, extractor)
+    if args.save_reference:
+        reference.save(args.save_reference)
+    rows = [cell_metrics(out, cell, plans[cell.key], extractor, accuracy_net, reference)
+            for cell in tqdm(cells, desc="metrics", unit="cell")]
+    kind = saturation_kind(task.image_shape[0])
+    meta = {
+        "extractor": extractor.id,
+        "accuracy_network": accuracy_net.id if accuracy_net is not None else None,
+        "guidance_classifier": classifier_id,
+        "reference": {"source": reference.source, "num_images": reference.num_images},
+        "saturation": {"kind": kind, "definition": DEFINITIONS[kind]},
+        "precision_recall_k": K_DEFAULT,
+        "settings": {"model": args.model, "num_samples": args.num_samples, "seed": args.seed, "steps": args.steps,
+                     "scheduler": type(pipe.scheduler).__name__, "scales": args.scales,
+                     "processes": state.num_processes},
+    }
+    evaluation_report.write_tables(rows, meta, out)
+    evaluation_report.write_plots(rows, out, extractor.id)
+    by_method: dict[str, list[tuple[float, list[shards.Shard]]]] = {}
+    for cell in cells:
+        by_method.setdefault(cell.method, []).append((cell.scale, plans[cell.key]))
+    evaluation_report.write_method_grids(out, by_method, task.column_labels, args.grid_per_class, args.num_samples)
+    print(evaluation_report.markdown_table(rows))
+    print(f"extractor: {extractor.id}; wrote {out / 'results.csv'}, results.json, plots and grids")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
