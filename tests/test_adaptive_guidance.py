@@ -400,16 +400,21 @@ class AffineUncondModel:
         return torch.where((class_labels < 0)[:, None], self.factor(float(t)) * cond, cond)
 
 
-def affine_run(batch: int = 4, steps: int = T, seed: int = 0, spacing: str = "leading", dim: int = DIM, model=None):
+def affine_run(
+    batch: int = 4, steps: int = T, seed: int = 0, spacing: str = "leading", dim: int = DIM, model=None,
+    scheduler_cls=DDIMScheduler,
+):
     """A pipeline-like run: ``run(guidance)`` samples ``batch`` vectors with the affine model."""
 
     def run(guidance):
-        scheduler = DDIMScheduler(clip_sample=False, timestep_spacing=spacing)
+        options = {"clip_sample": False} if scheduler_cls is DDIMScheduler else {}
+        scheduler = scheduler_cls(timestep_spacing=spacing, **options)
         scheduler.set_timesteps(steps)
         net = AffineUncondModel(batch, dim) if model is None else model
         latents = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         result = denoise(
-            model_fn=net, scheduler=scheduler, timesteps=scheduler.timesteps, latents=latents, guidance=guidance,
+            model_fn=net, scheduler=scheduler, timesteps=scheduler.timesteps,
+            latents=latents * scheduler.init_noise_sigma, guidance=guidance,
             conditioning=conditioning(batch), num_inference_steps=steps,
         )
         return result, net, scheduler
@@ -468,6 +473,22 @@ def test_oracle_linear_ag_per_sample_equals_per_sample_ag():
     torch.testing.assert_close(lag.latents, ag.latents, rtol=0, atol=1e-12)
     saved = [sum(1 for d in (1, 3, 5) if d <= k) for k in expected]
     assert lag.nfe_per_sample == [n - s for n, s in zip(ag.nfe_per_sample, saved)]
+
+
+def test_linear_ag_on_heun_estimates_both_evaluations_of_a_designated_step():
+    heun = dict(scheduler_cls=HeunDiscreteScheduler, steps=6)
+    fitted = fit_linear_ag(
+        [affine_run(seed=1, **heun)], steps=[2], model_id="affine", scheduler="HeunDiscreteScheduler",
+        base=CFG(SCALE), history=0,
+    )
+    assert fitted.evaluations == [4, 5]  # step 2 = evaluations 4 (first stage) and 5 (second stage)
+    truth = torch.tensor([[AffineUncondModel.factor(t)] for t in fitted_timesteps(fitted)], dtype=torch.float64)
+    assert (fitted.coefficients - truth).abs().max() < 1e-10
+    cfg, _, _ = affine_run(seed=7, **heun)(CFG(SCALE))
+    rule = LinearAG(fitted, model_id="affine", scheduler="HeunDiscreteScheduler", threshold=1.0)
+    lag, model, _ = affine_run(seed=7, **heun)(rule)
+    assert lag.nfe == 2 * (2 * 6 - 1) - 2 == model.rows / 4
+    torch.testing.assert_close(lag.latents, cfg.latents, rtol=0, atol=1e-10)
 
 
 def fitted_timesteps(fitted: LinearAGCoefficients) -> list[float]:
