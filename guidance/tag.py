@@ -51,7 +51,7 @@ def radial_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def tangential_part(v: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """``P_perp v = v - <v, unit> unit`` per sample (``unit`` from :func:`radial_unit`)."""
+    """``P_perp v = v - <v, unit> unit`` per sample, for a unit vector ``unit`` (e.g. from :func:`radial_unit`)."""
     return v - per_sample_dot(v, unit) * unit
 
 
