@@ -523,6 +523,7 @@ def test_mismatched_metadata_is_refused(tmp_path):
     with pytest.raises(ValueError, match="base"):
         LinearAG(path, model_id="affine", scheduler="DDIMScheduler", base=CFG(SCALE + 1))
     rule = LinearAG(path, model_id="affine", scheduler="DDIMScheduler")
+    assert from_config(json.loads(json.dumps(rule.config()))).config() == rule.config()
     mismatches = {
         "num_inference_steps": {"steps": T + 2},
         "timestep": {"spacing": "trailing"},
