@@ -33,6 +33,7 @@ from samples import evaluation_report, shards
 from samples.digits_data import load_digits_split
 from samples.digits_nets import WEIGHTS_DIR, WEIGHTS_NAME, load_classifier
 from samples.evaluation_jobs import (
+    CALIBRATION_IMAGES,
     Cell,
     Task,
     UsageError,
@@ -40,9 +41,8 @@ from samples.evaluation_jobs import (
     default_methods,
     describe_task,
     fingerprint,
+    fit_coefficients,
     generate,
-    method_config,
-    needs_classifier,
     plan_cells,
 )
 from samples.features import (
@@ -115,15 +115,25 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--reference {args.reference}: no such file or folder")
 
 
-def guidance_classifier(args: argparse.Namespace, task: Task, device: str) -> tuple[Any, str | None]:
-    """The classifier for rules that take one (digits models only from the command line) and its id."""
+def classifier_weights(args: argparse.Namespace) -> Path:
+    """The guidance classifier's weights file (``--classifier`` or the embedded one)."""
+    return (Path(args.classifier) if args.classifier else WEIGHTS_DIR / "classifier") / WEIGHTS_NAME
+
+
+def guidance_classifier(args: argparse.Namespace, task: Task, device: str) -> Any:
+    """The classifier for rules that take one (GFCG): only the digits classifier from the command line."""
+    weights = classifier_weights(args)
     if not args.classifier and not task.is_digits:
         raise UsageError("a method needs a classifier; from the command line only the digits classifier "
                          "(--classifier FOLDER) is available, for 8x8 digit models")
-    folder = Path(args.classifier) if args.classifier else WEIGHTS_DIR / "classifier"
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise UsageError(f"guidance classifier not found: {folder / WEIGHTS_NAME}")
-    return load_classifier(folder).to(device), f"digits-classifier/{file_digest(folder / WEIGHTS_NAME)}"
+    if not weights.is_file():
+        raise UsageError(f"guidance classifier not found: {weights}")
+    return load_classifier(weights.parent).to(device)
+
+
+def coefficients_path(out: Path, cell: Cell) -> Path:
+    """Where a cell's fitted LinearAG coefficients live (inside the cell's folder, so a resumed run reuses them)."""
+    return out / cell.key / "linear_ag_coefficients.safetensors"
 
 
 def check_manifest(out: Path, extractor_id: str) -> None:
@@ -144,7 +154,7 @@ def write_manifest(out: Path, meta: dict[str, Any]) -> None:
 
 
 def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard], root: Path,
-               classifier: Any, batch_size: int, show: bool) -> None:
+               inputs: dict[str, Any], batch_size: int, show: bool) -> None:
     """Generate and write this process's shards (progress bar with ETA on the main process)."""
     by_key = {cell.key: cell for cell in cells}
     fail_after = int(os.environ.get(FAIL_AFTER_ENV) or 0)
@@ -153,7 +163,8 @@ def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard
         for written, shard in enumerate(todo, start=1):
             cell = by_key[shard.cell]
             if cell.key not in modules:
-                modules[cell.key] = build_guidance(cell.config, classifier)
+                cell_inputs = {**inputs, "coefficients": str(coefficients_path(root, cell))}
+                modules[cell.key] = build_guidance(cell.config, cell_inputs)
             bar.set_postfix_str(f"{cell.method} w={cell.scale:g}")
             start = time.perf_counter()
             arrays = generate(pipe, task, modules[cell.key], shard.indices, batch_size)
@@ -165,14 +176,17 @@ def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard
 
 
 def dry_run(pipe: Any, task: Task, cells: list[Cell], plans: dict[str, list[shards.Shard]], todo: list[shards.Shard],
-            classifier: Any, args: argparse.Namespace, world: int) -> str:
-    """The job count and an estimate of the generation time from one timed batch per method."""
+            inputs: dict[str, Any], args: argparse.Namespace, world: int) -> str:
+    """The job count and an estimate of the generation time from one timed batch per method (a method with fitted
+    coefficients is timed as CFG, an upper bound of its cost; its calibration is not included)."""
     probe = min(args.batch_size, 16)
     per_image: dict[str, float] = {}
     for cell in cells:
         if cell.method not in per_image:
+            fitted = "coefficients" in cell.needs
+            guidance = build_guidance({"name": "cfg", "guidance_scale": cell.scale} if fitted else cell.config, inputs)
             start = time.perf_counter()
-            generate(pipe, task, build_guidance(cell.config, classifier), range(probe), probe)
+            generate(pipe, task, guidance, range(probe), probe)
             per_image[cell.method] = (time.perf_counter() - start) / probe
     pending = {cell.key: sum(s.count for s in todo if s.cell == cell.key) for cell in cells}
     seconds = sum(per_image[cell.method] * pending[cell.key] for cell in cells) / world
@@ -261,18 +275,25 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState(cpu=cpu)
     device = args.device or str(state.device)
     pipe, task, extractor, accuracy_net = setup(args, device)
-    methods = args.methods or default_methods()
-    classifier, classifier_id = None, None
-    if any(needs_classifier(method_config(spec, args.scales[0])[1]) for spec in methods):
-        classifier, classifier_id = guidance_classifier(args, task, device)
-    cells = plan_cells(methods, args.scales, fingerprint(args.model, pipe, task, args.dtype, args.shard_size),
-                       classifier_id)
+    scheduler = type(pipe.scheduler).__name__
+    weights = classifier_weights(args)
+    supplied = {
+        "classifier": f"digits-classifier/{file_digest(weights)}" if weights.is_file() else None,
+        "coefficients": f"fitted with CFG at the cell's scale on {CALIBRATION_IMAGES} calibration images",
+        "model_id": args.model,
+        "scheduler": scheduler,
+    }
+    material = fingerprint(args.model, pipe, task, args.dtype, args.shard_size)
+    cells = plan_cells(args.methods or default_methods(), args.scales, material, supplied)
+    inputs: dict[str, Any] = {"model_id": args.model, "scheduler": scheduler}
+    if any("classifier" in cell.needs for cell in cells):
+        inputs["classifier"] = guidance_classifier(args, task, device)
     out = Path(args.output)
     check_manifest(out, extractor.id)
     plans = {cell.key: shards.plan(cell.key, args.num_samples, args.shard_size) for cell in cells}
     todo = shards.pending(out, [shard for plan in plans.values() for shard in plan])
     if args.dry_run:
-        message = dry_run(pipe, task, cells, plans, todo, classifier, args, state.num_processes)
+        message = dry_run(pipe, task, cells, plans, todo, inputs, args, state.num_processes)
         if state.is_main_process:
             print(message)
         return 0
@@ -280,8 +301,14 @@ def run(args: argparse.Namespace) -> int:
     state.wait_for_everyone()  # every process has listed the pending shards before any is written
     if state.is_main_process:
         write_manifest(out, {"extractor": extractor.id, "model": args.model})
+        for cell in cells:
+            path = coefficients_path(out, cell)
+            if "coefficients" in cell.needs and not path.is_file() and any(s.cell == cell.key for s in todo):
+                print(f"fitting LinearAG coefficients for {cell.method} w={cell.scale:g} ({CALIBRATION_IMAGES} images)")
+                fit_coefficients(pipe, task, cell.scale, args.model, path, args.batch_size)
+    state.wait_for_everyone()  # fitted coefficients are on disk before any process builds its guidance
     mine = shards.assign(todo, state.process_index, state.num_processes)
-    run_shards(pipe, task, cells, mine, out, classifier, args.batch_size, state.is_main_process)
+    run_shards(pipe, task, cells, mine, out, inputs, args.batch_size, state.is_main_process)
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
@@ -295,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "extractor": extractor.id,
         "accuracy_network": accuracy_net.id if accuracy_net is not None else None,
-        "guidance_classifier": classifier_id,
+        "supplied_arguments": {name: supplied[name] for name in sorted(set().union(*(c.needs for c in cells)))},
         "reference": {"source": reference.source, "num_images": reference.num_images},
         "saturation": {"kind": kind, "definition": DEFINITIONS[kind]},
         "precision_recall_k": K_DEFAULT,

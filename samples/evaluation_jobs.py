@@ -6,10 +6,13 @@ pipeline call, so the batch it lands in does not matter) and class ``i % num_cla
 
 A ``--methods`` entry is a registered name (built with ``guidance_scale=<scale>``), names joined by ``+`` (composed in
 order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
-(:func:`guidance.from_config`) in which the string ``"$scale"`` stands for the scale. A rule that takes a
-``classifier`` (GFCG) gets the guidance classifier filled in. A cell's folder name hashes everything its images
-depend on (model files, scheduler, steps, seed, dtype, prompts, guidance config, classifier, shard size), so a changed
-setting never reuses stale shards.
+(:func:`guidance.from_config`) in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
+leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: GFCG's ``classifier`` (the guidance classifier,
+never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
+calibration images with other seeds, :func:`fit_coefficients`; at scale 1 CFG has no unconditional branch to
+estimate, so such a cell runs CFG at 1), ``model_id`` and ``scheduler``. A cell's folder name
+hashes everything its images depend on (model files, scheduler, steps, seed, dtype, prompts, guidance config, supplied
+arguments, shard size), so a changed setting never reuses stale shards.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import csv
 import hashlib
 import inspect
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,18 +48,32 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------------- methods
 
 
+#: constructor arguments the tool supplies when a method's config leaves them out (see :func:`build_guidance`)
+SUPPLIED = ("classifier", "coefficients", "model_id", "scheduler")
+#: fitted coefficients (LinearAG) are fitted on this many calibration images, with seeds this far from the sampled ones
+CALIBRATION_IMAGES = 100
+CALIBRATION_SEED_OFFSET = 1_000_003
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One method at one scale: its label, its guidance config (JSON-safe) and the folder of its shards."""
+    """One method at one scale: its label, its guidance config (JSON-safe), the folder of its shards, and the
+    constructor arguments the tool must supply (``needs``, a subset of :data:`SUPPLIED`)."""
 
     method: str
     scale: float
     config: Any
     key: str
+    needs: frozenset[str] = frozenset()
 
 
 def _takes(cls: type, param: str) -> bool:
     return param in inspect.signature(cls.__init__).parameters
+
+
+def _has_scale(cls: type) -> bool:
+    """Whether a rule takes the scale: as ``guidance_scale``, or through coefficients fitted at it (LinearAG)."""
+    return _takes(cls, "guidance_scale") or _takes(cls, "coefficients")
 
 
 def default_methods() -> list[str]:
@@ -63,7 +81,7 @@ def default_methods() -> list[str]:
     methods = []
     for name in available_guidance():
         cls = guidance_class(name)
-        if _takes(cls, "guidance_scale"):
+        if _has_scale(cls):
             methods.append(name)
         else:
             methods.append(f"{name}+cfg" if cls.prepare_noise is not Guidance.prepare_noise else f"cfg+{name}")
@@ -95,38 +113,43 @@ def method_config(spec: str, scale: float) -> tuple[str, Any]:
         except ValueError as error:
             raise UsageError(str(error)) from None
         parts.append({"name": name, "guidance_scale": scale} if _takes(cls, "guidance_scale") else {"name": name})
-    if not any("guidance_scale" in part for part in parts):
+    if not any(_has_scale(guidance_class(part["name"])) for part in parts):
         raise UsageError(f"method {spec!r} has no guidance scale; compose it with a rule that has one, e.g. cfg+{spec}")
     return spec, parts[0] if len(parts) == 1 else parts
 
 
-def _fill_classifier(config: Any, classifier: Any) -> tuple[Any, bool]:
-    """``config`` with ``classifier`` set wherever a rule takes one and has none; and whether any did."""
+def _fill(config: Any, inputs: dict[str, Any]) -> tuple[Any, set[str]]:
+    """``config`` with every :data:`SUPPLIED` argument a rule takes but lacks set from ``inputs`` (where given), and
+    the names of all such arguments."""
     if isinstance(config, list):
-        filled = [_fill_classifier(item, classifier) for item in config]
-        return [item for item, _ in filled], any(hit for _, hit in filled)
+        filled = [_fill(item, inputs) for item in config]
+        return [item for item, _ in filled], set().union(*(names for _, names in filled))
     if not isinstance(config, dict):
-        return config, False
-    filled = {key: _fill_classifier(value, classifier) for key, value in config.items()}
-    out, hit = {key: value for key, (value, _) in filled.items()}, any(h for _, h in filled.values())
+        return config, set()
+    filled = {key: _fill(value, inputs) for key, value in config.items()}
+    out = {key: value for key, (value, _) in filled.items()}
+    needs = set().union(*(names for _, names in filled.values()))
     name = out.get("name")
-    if isinstance(name, str) and "classifier" not in out and _takes(guidance_class(name), "classifier"):
-        out["classifier"] = classifier
-        hit = True
-    return out, hit
+    if isinstance(name, str):
+        for param in SUPPLIED:
+            if param not in out and _takes(guidance_class(name), param):
+                needs.add(param)
+                if param in inputs:
+                    out[param] = inputs[param]
+    return out, needs
 
 
-def needs_classifier(config: Any) -> bool:
-    """Whether a config (dict, list, nested) holds a rule that takes a ``classifier`` and has none."""
+def supplied_arguments(config: Any) -> frozenset[str]:
+    """The :data:`SUPPLIED` arguments a config (dict, list, nested) leaves to the tool."""
     try:
-        return _fill_classifier(config, None)[1]
+        return frozenset(_fill(config, {})[1])
     except ValueError:  # an unknown name: reported when the config is built
-        return False
+        return frozenset()
 
 
-def build_guidance(config: Any, classifier: torch.nn.Module | None = None) -> Guidance:
-    """The guidance module of a cell's config, with ``classifier`` filled in where a rule takes one."""
-    return from_config(_fill_classifier(config, classifier)[0] if classifier is not None else config)
+def build_guidance(config: Any, inputs: dict[str, Any] | None = None) -> Guidance:
+    """The guidance module of a cell's config, the :data:`SUPPLIED` arguments it lacks taken from ``inputs``."""
+    return from_config(_fill(config, inputs or {})[0])
 
 
 def cell_key(label: str, scale: float, material: dict[str, Any]) -> str:
@@ -141,20 +164,31 @@ def slug(text: str) -> str:
 
 
 def plan_cells(
-    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], classifier_id: str | None
+    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], supplied: dict[str, str]
 ) -> list[Cell]:
-    """The cells of ``methods x scales``; every config is built once here so that a bad one fails before any work."""
+    """The cells of ``methods x scales``.
+
+    ``supplied`` describes the value the tool will supply for each :data:`SUPPLIED` argument (e.g. the classifier's
+    id); it enters the hash of the cells that use it. Every config is built here once (with stand-ins for supplied
+    arguments) so that a bad one fails before any work; configs that need fitted coefficients are checked when fitted.
+    """
     cells = []
     for spec in methods:
         for scale in scales:
             label, config = method_config(spec, scale)
-            needs = needs_classifier(config)
-            try:
-                build_guidance(config, torch.nn.Identity() if needs else None)
-            except (TypeError, ValueError) as error:
-                raise UsageError(f"method {label!r} at scale {scale:g}: {error}") from None
-            cell_material = {**material, "guidance": config, "classifier": classifier_id if needs else None}
-            cells.append(Cell(label, scale, config, cell_key(label, scale, cell_material)))
+            needs = supplied_arguments(config)
+            if "coefficients" in needs and scale == 1.0:
+                # CFG at w = 1 evaluates no unconditional branch, so there is nothing to estimate or fit: the rule
+                # is conditional sampling, and the cell runs it as such (its config says so)
+                config, needs = {"name": "cfg", "guidance_scale": 1.0}, frozenset()
+            if "coefficients" not in needs:
+                stand_ins = {"classifier": torch.nn.Identity(), "model_id": "", "scheduler": ""}
+                try:
+                    build_guidance(config, stand_ins)
+                except (TypeError, ValueError) as error:
+                    raise UsageError(f"method {label!r} at scale {scale:g}: {error}") from None
+            cell_material = {**material, "guidance": config, "supplied": {n: supplied.get(n) for n in sorted(needs)}}
+            cells.append(Cell(label, scale, config, cell_key(label, scale, cell_material), needs))
     names = [(cell.method, cell.scale) for cell in cells]
     if len(set(names)) != len(names):
         raise UsageError("--methods/--scales name the same method and scale twice")
@@ -291,3 +325,31 @@ def generate(
         parts["saturation"].append(saturation(pixels))
         parts["clipped"].append(clipped_fraction(pixels))
     return {name: torch.cat(values).numpy() for name, values in parts.items()}
+
+
+def fit_coefficients(pipe: Any, task: Task, scale: float, model_id: str, path: Path, batch_size: int) -> None:
+    """Fit LinearAG's coefficients for one cell and save them atomically at ``path``.
+
+    Calibration: CFG at ``scale`` on :data:`CALIBRATION_IMAGES` images with seeds ``seed + CALIBRATION_SEED_OFFSET + i``
+    (never a sampled seed), estimating the unconditional output on every other step of the first half
+    (:func:`guidance.linear_ag.alternate_steps`). The calibration cost is not part of the cell's NFE or images/s.
+    """
+    from guidance.cfg import CFG
+    from guidance.linear_ag import alternate_steps, fit_linear_ag
+
+    def run_for(chunk: list[int]) -> Any:
+        def run(guidance: Guidance) -> None:
+            generators = [torch.Generator("cpu").manual_seed(task.seed + CALIBRATION_SEED_OFFSET + i) for i in chunk]
+            pipe(**task.conditioning(chunk), guidance=guidance, num_inference_steps=task.steps,
+                 generator=generators, output_type="latent")
+
+        return run
+
+    indices = list(range(CALIBRATION_IMAGES))
+    runs = [run_for(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+    coefficients = fit_linear_ag(runs, steps=alternate_steps(task.steps), model_id=model_id,
+                                 scheduler=type(pipe.scheduler).__name__, base=CFG(scale))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    coefficients.save(tmp)
+    os.replace(tmp, path)

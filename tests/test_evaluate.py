@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipelines import GuidedClassConditionalPipeline, GuidedStableDiffusionPipeline
 from samples import shards
-from samples.digits_nets import DigitEvaluator, save_network
+from samples.digits_nets import DigitClassifier, DigitEvaluator, save_network
 from samples.evaluate import FAIL_AFTER_ENV, main
 from samples.features import InceptionExtractor, build_extractor, to_uint8
 from tests.tiny import tiny_sd_components
@@ -62,6 +62,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     save_network(DigitEvaluator(width=8, feature_dim=16), root / "evaluator")
     save_network(DigitEvaluator(width=8, feature_dim=16), root / "evaluator2")
+    save_network(DigitClassifier(width=8), root / "classifier")
     torch.jit.script(_StandInInception()).save(str(root / "inception.pt"))
     return root
 
@@ -142,6 +143,25 @@ def test_resume_after_a_crash_completes_without_loss_or_duplicates(tiny: Path, s
     for key, images in cell_images(out).items():  # read_cell checks indices 0..N-1 exactly once
         assert len(images) == N and np.array_equal(images, cell_images(single_run)[key])
     assert [r["fd"] for r in rows(out)] == [r["fd"] for r in rows(single_run)]
+
+
+def test_methods_with_supplied_arguments_gfcg_and_linear_ag(tiny: Path, tmp_path: Path) -> None:
+    """GFCG gets the guidance classifier; LinearAG gets coefficients fitted per cell (once: a re-run reuses them)."""
+    out = tmp_path / "out"
+    args = ["--model", str(tiny / "model"), "--evaluator", str(tiny / "evaluator"), "--classifier",
+            str(tiny / "classifier"), "--methods", "gfcg", "linear-ag", "--scales", "1", "3", "-n", "6", "--steps",
+            "4", "-o", str(out)]
+    assert main(args) == 0
+    table = {(r["method"], r["scale"]): r for r in rows(out)}
+    assert table["linear-ag", 1.0]["config"] == {"name": "cfg", "guidance_scale": 1.0}  # nothing to estimate at w=1
+    assert table["linear-ag", 3.0]["nfe_per_image"] < 8  # estimated unconditional evaluations are not spent
+    assert table["gfcg", 3.0]["config"]["name"] == "gfcg"
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["supplied_arguments"]["classifier"].startswith("digits-classifier/")
+    fitted = out / table["linear-ag", 3.0]["cell"] / "linear_ag_coefficients.safetensors"
+    stamp = fitted.stat().st_mtime_ns
+    assert main([*args, "-n", "8"]) == 0  # more samples (the last -n counts): new shards, the same coefficients
+    assert fitted.stat().st_mtime_ns == stamp and rows(out)[0]["num_samples"] == 8
 
 
 def test_inception_extractor_calls_the_torchscript_module_like_stylegan(tiny: Path, monkeypatch) -> None:
