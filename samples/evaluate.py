@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model, else the model's own)")
     add("--batch-size", type=int, default=250, help="images per pipeline call (default: %(default)s)")
     add("--shard-size", type=int, default=500, help="images per shard file (default: %(default)s)")
-    add("--output", "-o", default="evaluation", help="output folder (default: %(default)s)")
+    add("--output", "-o", default="outputs/evaluation", help="output folder (default: %(default)s)")
     add("--prompts", help="text-to-image: a .txt file (one prompt per line) or a .csv (column prompt/text/caption)")
     add("--reference", help="real images: a folder of images or a .npz with mu, sigma, extractor (+ features) "
         "(default for the embedded model: the digits held-out split)")
