@@ -47,8 +47,7 @@ def clip_factor(update: torch.Tensor, threshold: float) -> torch.Tensor:
     if threshold <= 0:
         return torch.ones((update.shape[0],) + (1,) * (update.ndim - 1), dtype=dtype, device=update.device)
     update = update.to(compute_dtype(update.dtype))
-    norm = per_sample_dot(update, update, dtype=dtype).sqrt()
-    return torch.clamp(threshold / norm.clamp_min(1e-300), max=1.0)
+    return torch.clamp(threshold * per_sample_dot(update, update, dtype=dtype).rsqrt(), max=1.0)  # 1/0 = inf -> 1
 
 
 def clip_norm(update: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -148,7 +147,7 @@ class APG(Guidance):
         advance = self.momentum_per == "evaluation" or step.first_stage
         if advance:
             self._previous = self._buffer
-        accumulated = diff + self.momentum * self._previous[rows]
+        accumulated = torch.add(diff, self._previous[rows], alpha=self.momentum)
         if advance:
             if step.rows is None:
                 self._buffer = accumulated
