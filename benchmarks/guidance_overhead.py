@@ -32,7 +32,10 @@ from collections.abc import Callable
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.guiders import AdaptiveProjectedGuidance
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.guiders.adaptive_projected_guidance import (
+    MomentumBuffer,
+    normalized_guidance,
+)
 
 from guidance import APG, CFG
 from guidance.base import Step
@@ -42,25 +45,25 @@ SCALE, ETA, MOMENTUM = 7.5, 0.0, -0.5
 SIGMA = 0.6  # a mid-schedule VP noise level for the epsilon <-> x0 conversions
 
 #: the published SD-1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json)
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    center_input_sample=False,
-)
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+}
 
 
 def step_for(sample: torch.Tensor, prediction_type: str) -> Step:
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU, {args.repeats} interleaved calls")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, float32 CPU, {args.repeats} interleaved calls")
 
     medians: dict[tuple[int, ...], dict[str, float]] = {}
     for shape in SHAPES:

@@ -12,8 +12,9 @@ dims:
 
 Everything after the momentum is one per-sample combination ``a * D_c + b * M`` (see :func:`apg_x0`), so only three
 inner products per sample are computed and the tensors are never copied to float64 as diffusers does; the result
-stays within ~1e-7 relative of the float64 listing. ``eta = 1, r = 0, beta = 0`` is exactly CFG. The rule runs on x0 whatever the model predicts (epsilon, v, flow
-velocity), converted with the current evaluation's alpha, sigma and converted back afterwards.
+stays within ~1e-7 relative of the float64 listing. ``eta = 1, r = 0, beta = 0`` is exactly CFG. The rule runs on x0
+whatever the model predicts (epsilon, v, flow velocity), converted with the current evaluation's alpha, sigma and
+converted back afterwards.
 
 Relation to diffusers' ``AdaptiveProjectedGuidance`` / ``normalized_guidance`` (same ``U``, other output and space):
 
@@ -189,4 +190,5 @@ class APG(Guidance):
             )
         if guidance_scale == 1:
             return cls(1.0, eta=1.0, norm_threshold=0.0, momentum=0.0)
-        return cls(guidance_scale, eta=(guidance_scale * eta - 1) / (guidance_scale - 1), norm_threshold=0.0, momentum=0.0)
+        eta_paper = (guidance_scale * eta - 1) / (guidance_scale - 1)
+        return cls(guidance_scale, eta=eta_paper, norm_threshold=0.0, momentum=0.0)

@@ -9,7 +9,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler, UNet2DModel
 from diffusers.guiders import AdaptiveProjectedGuidance
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.guiders.adaptive_projected_guidance import (
+    MomentumBuffer,
+    normalized_guidance,
+)
 
 from guidance import APG, CFG, Guidance
 from guidance.apg import apg_x0, clip_factor, clip_norm, parallel_coefficient
@@ -45,7 +48,7 @@ def relative(a, b) -> float:
 def make_step(sample, sigma=0.6, prediction_type="epsilon", **kw) -> Step:
     """A VP evaluation record (flow: alpha = 1 - sigma)."""
     alpha = 1 - sigma if prediction_type == "flow" else math.sqrt(1 - sigma**2)
-    fields = dict(index=0, num_steps=10, evaluation=0, first_stage=True, timestep=torch.tensor(500))
+    fields = {"index": 0, "num_steps": 10, "evaluation": 0, "first_stage": True, "timestep": torch.tensor(500)}
     fields.update(kw)
     return Step(alpha=alpha, sigma=sigma, sample=sample, prediction_type=prediction_type,
                 batch_size=sample.shape[0], **fields)

@@ -24,6 +24,7 @@ scipy solution of the guided flow (at 50 steps: 1.1e-2).
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -160,8 +161,8 @@ def test_cfg_outward_shift_is_monotone_in_w_and_within_the_derived_bound(class0_
         assert (shift - (w - 1) * bound).max() < SAMPLER_TOLERANCE
         mean_shifts.append(shift.mean())
         per_unit.append(shift.mean() / (w - 1))
-    assert all(b > a + 0.05 for a, b in zip(mean_shifts, mean_shifts[1:]))  # strictly outward as w grows
-    assert all(b < a for a, b in zip(per_unit, per_unit[1:]))  # sub-linear: shift / (w - 1) decreases
+    assert all(b > a + 0.05 for a, b in pairwise(mean_shifts))  # strictly outward as w grows
+    assert all(b < a for a, b in pairwise(per_unit))  # sub-linear: shift / (w - 1) decreases
     assert per_unit[0] <= bound.mean() + SAMPLER_TOLERANCE
 
 

@@ -9,8 +9,16 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from guidance import APG, CFG, ComposedGuidance, Guidance, available_guidance, from_config, get_guidance
-from guidance import registry
+from guidance import (
+    APG,
+    CFG,
+    ComposedGuidance,
+    Guidance,
+    available_guidance,
+    from_config,
+    get_guidance,
+    registry,
+)
 from guidance.base import Step
 from pipelines.conditioning import BranchConditioning
 from pipelines.loop import denoise
@@ -22,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_step(sample: torch.Tensor, sigma: float = 0.6, prediction_type: str = "epsilon", **kw) -> Step:
     """A VP evaluation record at noise ``sigma`` (alpha = sqrt(1 - sigma^2))."""
-    fields = dict(index=0, num_steps=10, evaluation=0, first_stage=True, timestep=torch.tensor(500))
+    fields = {"index": 0, "num_steps": 10, "evaluation": 0, "first_stage": True, "timestep": torch.tensor(500)}
     fields.update(kw)
     return Step(
         alpha=math.sqrt(1 - sigma**2),
@@ -74,7 +82,12 @@ def test_registry_lists_cfg_first_and_names_the_available_ones_on_error():
 
 @pytest.mark.parametrize(
     "guidance",
-    [CFG(3.5), CFG(2.0, guidance_rescale=0.7), APG(), APG(5.0, eta=0.3, norm_threshold=2.5, momentum=-0.25, momentum_per="step")],
+    [
+        CFG(3.5),
+        CFG(2.0, guidance_rescale=0.7),
+        APG(),
+        APG(5.0, eta=0.3, norm_threshold=2.5, momentum=-0.25, momentum_per="step"),
+    ],
     ids=["cfg", "cfg-rescale", "apg-default", "apg-all-args"],
 )
 def test_config_round_trips_through_dict_and_json(guidance):

@@ -1,5 +1,5 @@
-"""Prediction spaces (shared/methods/spaces.md §8): conversions, the loop's (alpha, sigma) against every scheduler's own
-x0, space invariance of CFG, the zero-terminal-SNR guard and per-sample reductions."""
+"""Prediction spaces (shared/methods/spaces.md §8): conversions, the loop's (alpha, sigma) against every scheduler's
+own x0, space invariance of CFG, the zero-terminal-SNR guard and per-sample reductions."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from diffusers import (
 from guidance import APG, CFG, Branch, Guidance
 from guidance.apg import apg_x0, clip_factor
 from guidance.cfg import rescale_guidance
-from guidance.spaces import PREDICTION_TYPES, batch_dims, from_x0, per_sample_dot, per_sample_norm, to_x0
+from guidance.spaces import (
+    PREDICTION_TYPES,
+    batch_dims,
+    from_x0,
+    per_sample_dot,
+    per_sample_norm,
+    to_x0,
+)
 from pipelines.conditioning import BranchConditioning
 from pipelines.loop import denoise
 from tests.tiny import one_thread  # noqa: F401  (fixture)
