@@ -179,7 +179,7 @@ def dry_run(pipe: Any, task: Task, cells: list[Cell], plans: dict[str, list[shar
             inputs: dict[str, Any], args: argparse.Namespace, world: int) -> str:
     """The job count and an estimate of the generation time from one timed batch per method (a method with fitted
     coefficients is timed as CFG, an upper bound of its cost; its calibration is not included)."""
-    probe = min(args.batch_size, 16)
+    probe = min(args.batch_size, 64)
     per_image: dict[str, float] = {}
     for cell in cells:
         if cell.method not in per_image:
