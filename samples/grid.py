@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 MIN_CELL = 40  # images smaller than this are enlarged by an integer factor (8x8 digits -> 40x40)
 MAX_CELL = 192  # images larger than this are shrunk to it
 GAP = 6  # pixels between column blocks and between rows
+INNER_GAP = 2  # pixels between the images of one block
 PAD = 4  # text padding
 HEADER = 16  # height of the column-label line
 
@@ -56,13 +57,19 @@ class GridLayout:
     per_column: int
     label_width: int
 
+    @property
+    def block(self) -> int:
+        """Width of one column block."""
+        return self.per_column * self.side + (self.per_column - 1) * INNER_GAP
+
     def cell_origin(self, row: int, column: int, index: int) -> tuple[int, int]:
         """Top-left corner of image ``index`` of column block ``column`` in row ``row``."""
-        x = self.label_width + column * (self.per_column * self.side + GAP) + index * self.side
+        x = self.label_width + column * (self.block + GAP) + index * (self.side + INNER_GAP)
         return x, HEADER + row * (self.side + GAP)
 
     def size(self, rows: int, columns: int) -> tuple[int, int]:
-        return self.label_width + columns * (self.per_column * self.side + GAP), HEADER + rows * (self.side + GAP)
+        """Width and height of a grid of ``rows`` rows and ``columns`` column blocks."""
+        return self.label_width + columns * (self.block + GAP), HEADER + rows * (self.side + GAP)
 
 
 def grid_layout(row_labels: Sequence[str], image_side: int, per_column: int) -> GridLayout:
@@ -96,10 +103,9 @@ def labelled_grid(
     layout = grid_layout([label for label, _ in rows], max(rows[0][1].shape[-2:]), per_column)
     canvas = Image.new("RGB", layout.size(len(rows), len(column_labels)), "white")
     draw = ImageDraw.Draw(canvas)
-    block = per_column * layout.side
     for j, text in enumerate(column_labels):
         x, _ = layout.cell_origin(0, j, 0)
-        draw.text((x + PAD, 2), _fit(text, font, block - PAD), fill="black", font=font)
+        draw.text((x + PAD, 2), _fit(text, font, layout.block - PAD), fill="black", font=font)
     for i, (label, images) in enumerate(rows):
         _, y = layout.cell_origin(i, 0, 0)
         draw.text((PAD, y + (layout.side - _text_size(label, font)[1]) // 2), label, fill="black", font=font)

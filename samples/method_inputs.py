@@ -66,6 +66,7 @@ def fit_linear_ag_coefficients(
     from guidance.linear_ag import alternate_steps, fit_linear_ag
 
     calibration = [seed + CALIBRATION_SEED_OFFSET for seed in seeds]
+    print(f"fitting LinearAG coefficients on {len(seeds)} calibration images (other seeds)")
     start = time.perf_counter()
     coefficients = fit_linear_ag(
         lambda guidance: run(guidance, calibration),
