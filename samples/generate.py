@@ -80,6 +80,7 @@ def _class_label(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (the guidance names in the help are those registered at run time)."""
     parser = _Parser(
         prog=PROG,
         description="Sample every guidance method with the same seeds; write a labelled grid and a summary.",
@@ -133,6 +134,8 @@ class Job:
 
 @dataclass
 class MethodResult:
+    """One row of the summary (and of the grid, when it has images)."""
+
     name: str
     images: torch.Tensor | None = None  # [N, C, H, W] in [0, 1]
     nfe: float | None = None
@@ -148,6 +151,7 @@ def is_embedded(model: str | None) -> bool:
 
 
 def resolve_device(name: str | None) -> str:
+    """``name`` checked (``ValueError`` for an unknown or unavailable device), or cuda if available, else cpu."""
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -303,6 +307,7 @@ class Session:
 
 
 def check_guidance_names(specs: Sequence[str]) -> None:
+    """``ValueError`` listing the registered names if a spec names another."""
     known = available_guidance()
     for spec in specs:
         for name in spec.split("+"):
