@@ -60,7 +60,7 @@ from samples.features import (
 from samples.loading import DTYPES, SCHEDULERS, load_pipeline, set_scheduler
 from samples.metrics import feature_statistics, frechet_distance_from_statistics
 from samples.precision_recall import K_DEFAULT, precision_recall
-from samples.saturation import DEFINITIONS, saturation_kind
+from samples.saturation import DEFINITIONS, OVERSHOOT_MARGIN, saturation_kind
 
 PROG = "guidance-evaluate"
 EMBEDDED_MODEL = WEIGHTS_DIR / "digits"
@@ -229,6 +229,7 @@ def cell_metrics(root: Path, cell: Cell, plan: list[shards.Shard], extractor: Fe
         "precision": precision, "recall": recall,
         "class_accuracy": float(samples["correct"].mean()) if "correct" in samples else float("nan"),
         "saturation": float(samples["saturation"].mean()), "clipped_fraction": float(samples["clipped"].mean()),
+        "overshoot_fraction": float(samples["overshoot"].mean()),
         "nfe_per_image": float(samples["nfe"].mean()),
         "images_per_s": len(feats) / float(per_shard["seconds"].sum()),
         "extractor": extractor.id, "cell": cell.key, "config": json.loads(json.dumps(cell.config, default=str)),
@@ -325,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
         "supplied_arguments": {name: supplied[name] for name in sorted(set().union(*(c.needs for c in cells)))},
         "reference": {"source": reference.source, "num_images": reference.num_images},
         "saturation": {"kind": kind, "definition": DEFINITIONS[kind]},
+        "overshoot_fraction": f"fraction of decoded pixel values more than {OVERSHOOT_MARGIN} outside [-1,1]",
         "precision_recall_k": K_DEFAULT,
         "settings": {"model": args.model, "num_samples": args.num_samples, "seed": args.seed, "steps": args.steps,
                      "scheduler": type(pipe.scheduler).__name__, "scales": args.scales,

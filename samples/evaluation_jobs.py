@@ -36,7 +36,7 @@ from guidance.registry import guidance_class
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES
 from samples.features import DIGITS_SHAPE, to_uint8
-from samples.saturation import clipped_fraction, saturation
+from samples.saturation import OVERSHOOT_MARGIN, clipped_fraction, saturation
 
 SCALE_PLACEHOLDER = "$scale"
 
@@ -311,8 +311,10 @@ def decode_unclamped(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
 def generate(
     pipe: Any, task: Task, guidance: Guidance, indices: Sequence[int], batch_size: int
 ) -> dict[str, np.ndarray]:
-    """Samples ``indices``: ``images`` (uint8), ``labels``, ``nfe``, ``saturation`` and ``clipped`` per image."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "labels", "nfe", "saturation", "clipped")}
+    """Samples ``indices``: ``images`` (uint8), ``labels``, ``nfe``, ``saturation``, ``clipped`` and ``overshoot``
+    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image."""
+    names = ("images", "labels", "nfe", "saturation", "clipped", "overshoot")
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start : start + batch_size])
         generators = [torch.Generator("cpu").manual_seed(task.seed + i) for i in chunk]
@@ -324,6 +326,7 @@ def generate(
         parts["nfe"].append(torch.tensor(output.nfe_per_sample, dtype=torch.float64))
         parts["saturation"].append(saturation(pixels))
         parts["clipped"].append(clipped_fraction(pixels))
+        parts["overshoot"].append(clipped_fraction(pixels, OVERSHOOT_MARGIN))
     return {name: torch.cat(values).numpy() for name, values in parts.items()}
 
 

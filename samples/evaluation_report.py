@@ -32,6 +32,7 @@ COLUMNS = (
     "class_accuracy",
     "saturation",
     "clipped_fraction",
+    "overshoot_fraction",
     "nfe_per_image",
     "images_per_s",
     "extractor",
@@ -40,7 +41,7 @@ COLUMNS = (
 #: metric -> (axis label, file name) of the metric-vs-scale plots
 SCALE_PLOTS = {
     "fd": ("Frechet distance (lower is better)", "fd_vs_scale.png"),
-    "saturation": ("saturation", "saturation_vs_scale.png"),
+    "saturation": ("saturation (see results.json for the definition)", "saturation_vs_scale.png"),
 }
 
 
@@ -64,11 +65,13 @@ def write_tables(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out: Path
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table (for the console and the README)."""
-    header = ["method", "scale", "N", "FD", "precision", "recall", "class acc.", "saturation", "NFE/img", "img/s"]
+    header = ["method", "scale", "N", "FD", "precision", "recall", "class acc.", "saturation", "overshoot",
+              "NFE/img", "img/s"]
     keys = ["method", "scale", "num_samples", "fd", "precision", "recall", "class_accuracy", "saturation",
-            "nfe_per_image", "images_per_s"]
+            "overshoot_fraction", "nfe_per_image", "images_per_s"]
     formats = {"fd": "{:.3f}", "precision": "{:.3f}", "recall": "{:.3f}", "class_accuracy": "{:.3f}",
-               "saturation": "{:.4f}", "nfe_per_image": "{:.1f}", "images_per_s": "{:.1f}", "scale": "{:g}"}
+               "saturation": "{:.4f}", "overshoot_fraction": "{:.4f}", "nfe_per_image": "{:.1f}",
+               "images_per_s": "{:.1f}", "scale": "{:g}"}
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = []

@@ -117,6 +117,7 @@ def test_hsv_saturation_matches_colorsys_and_saturation_maps_from_minus_one_one(
 def test_grayscale_saturation_is_the_clipped_fraction() -> None:
     pixels = torch.tensor([-1.5, 0.0, 1.0, 1.0001, -1.0, 0.3, 2.0, -0.99]).reshape(2, 1, 2, 2)
     assert clipped_fraction(pixels).tolist() == [0.5, 0.25]  # exactly +-1 is not clipped
+    assert clipped_fraction(pixels, margin=0.1).tolist() == [0.25, 0.25]  # 1.0001 is within the margin
     assert saturation(pixels).tolist() == [0.5, 0.25]
     with pytest.raises(ValueError, match="1- or 3-channel"):
         saturation(torch.zeros(1, 2, 4, 4))
