@@ -1,6 +1,7 @@
 """Quality of every registered guidance method on the embedded digits model, with ``guidance-evaluate``.
 
     python -m benchmarks.quality            # 8 methods x 3 scales x 1,000 samples -> benchmarks/results/quality/
+    python -m benchmarks.quality --weights DIR   # the same with digits/, evaluator/, classifier/ from DIR
     python -m benchmarks.quality --smoke    # tiny random networks, 20 samples: checks the script end to end
 
 Every method (every registered name; rules without a scale of their own composed with CFG: ``nlg+cfg``,
@@ -90,12 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random networks, 20 samples (numbers meaningless)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, help="folder with digits/, evaluator/, classifier/ (default: "
+                        "samples/weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         work, results, samples = WORK, RESULTS, SAMPLES
         extra: list[str] = []
+        if args.weights:
+            extra = ["--model", str(args.weights / "digits"), "--evaluator", str(args.weights / "evaluator"),
+                     "--classifier", str(args.weights / "classifier"), "--scheduler", "ddim"]
         if args.smoke:
             extra = smoke_model(Path(tmp))
             work, results, samples = Path(tmp) / "run", RESULTS.with_name("quality_smoke"), 20
