@@ -7,10 +7,16 @@ output at every step, gamma logged per sample and step) and proposes the thresho
 generated alone switches after the chosen fraction of the steps.
 
 A sample switches after the first step k with ``gamma_k >= threshold``, i.e. once the running maximum
-``M_k = max_{j <= k} gamma_j`` reaches the threshold. For a target fraction f the target step is
-``k* = ceil(f T) - 1`` (the last guided step: ``f T`` guided steps, ``T + k* + 1`` NFEs with a first-order
-scheduler), and the proposal is the ``quantile`` of ``M_{k*}`` over the calibration samples: with the default median,
-half of them switch at or before k*, the rest later. A higher quantile is more conservative (later switches).
+``M_k = max_{j <= k} gamma_j`` reaches the threshold; it then costs ``T + k + 1`` NFEs with a first-order scheduler
+(``k + 1`` guided steps). Two proposals for a target fraction f of guided steps:
+
+* ``target="mean"`` (default): the largest threshold whose *mean* guided fraction over the calibration samples is at
+  most f, so AG's NFEs are at most ``(1 + f) / 2`` of CFG's on average (f = 0.5: -25%);
+* ``target="quantile"``: the ``quantile`` over samples of ``M_{k*}`` at ``k* = ceil(f T) - 1``; with the median,
+  half of the samples switch at or before k*. A higher quantile is more conservative (later switches).
+
+The proposals assume samples switch alone (``reduce="per-sample"``, or batches of one). With ``reduce="all"`` a batch
+waits for its slowest sample and switches later.
 
 Usage (any pipeline of this library; ``run`` performs one call with the guidance it is given)::
 
@@ -23,7 +29,8 @@ Usage (any pipeline of this library; ``run`` performs one call with the guidance
 
     result = calibrate_threshold(run, base=CFG(4.0), fraction=0.5)
     print(result.threshold, result.switch_steps, result.mean_nfe_fraction)
-    pipe(..., guidance=AdaptiveGuidance(CFG(4.0), threshold=result.threshold), num_inference_steps=30)
+    rule = AdaptiveGuidance(CFG(4.0), threshold=result.threshold, reduce="per-sample")
+    pipe(class_labels=[3, 7], guidance=rule, num_inference_steps=30)
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any
 
 import torch
 
-from guidance._validate import check_number
+from guidance._validate import check_choice, check_number
 from guidance.adaptive import AdaptiveGuidance
 from guidance.base import Guidance
 
@@ -87,15 +94,38 @@ def target_step(num_steps: int, fraction: float) -> int:
     return max(math.ceil(fraction * num_steps - 1e-9) - 1, 0)
 
 
-def propose_threshold(gammas: torch.Tensor, fraction: float = 0.5, quantile: float = 0.5) -> float:
-    """The threshold at which (a ``quantile`` of) the calibration samples switch after ``fraction`` of the steps.
+def mean_guided_fraction(gammas: torch.Tensor, threshold: float) -> float:
+    """Mean over samples (each switching alone) of the fraction of steps that are guided, ``(k + 1) / T``."""
+    return float((switch_steps(gammas, threshold) + 1).double().mean() / gammas.shape[1])
 
-    It is the ``quantile`` over samples of the running maximum of gamma at ``k* = ceil(fraction T) - 1``, clamped
-    into AG's allowed range (0, 1].
+
+def propose_threshold(gammas: torch.Tensor, fraction: float = 0.5, target: str = "mean", quantile: float = 0.5) -> float:
+    """A threshold that makes AG guide ``fraction`` of the steps on the calibration curves ``gammas`` ``[N, T]``.
+
+    * ``target="mean"`` (default): the largest threshold whose mean guided fraction over the samples (each switching
+      alone) is at most ``fraction``, i.e. the NFE target is met on average: ``NFE / NFE_CFG <= (1 + fraction) / 2``
+      for first-order schedulers. Candidates are the observed running maxima of gamma.
+    * ``target="quantile"``: the ``quantile`` over samples of the running maximum of gamma at
+      ``k* = ceil(fraction T) - 1``; with the median, half of the samples switch at or before k*.
+
+    The result is clamped into AG's allowed range (0, 1].
     """
+    check_choice("target", target, ("mean", "quantile"))
     check_number("quantile", quantile, low=0.0, high=1.0)
-    k = target_step(gammas.shape[1], fraction)
-    value = float(torch.quantile(running_max(gammas)[:, k], quantile))
+    maxima = running_max(gammas)
+    if target == "quantile":
+        value = float(torch.quantile(maxima[:, target_step(gammas.shape[1], fraction)], quantile))
+    else:
+        check_number("fraction", fraction, low=0.0, high=1.0, low_open=True)
+        candidates = torch.unique(maxima[torch.isfinite(maxima)]).tolist()  # ascending; guided fraction grows with it
+        low, high = 0, len(candidates) - 1
+        while low < high:  # the last candidate whose mean guided fraction is within the target (or the first one)
+            middle = (low + high + 1) // 2
+            if mean_guided_fraction(gammas, candidates[middle]) <= fraction:
+                low = middle
+            else:
+                high = middle - 1
+        value = candidates[low]
     return min(max(value, torch.finfo(torch.float64).tiny), 1.0)
 
 
@@ -122,10 +152,11 @@ def calibrate_threshold(
     runs: Run | Sequence[Run],
     base: Guidance | str | dict[str, Any] = "cfg",
     fraction: float = 0.5,
+    target: str = "mean",
     quantile: float = 0.5,
     space: str = "x0",
 ) -> Calibration:
     """Record gamma on ``runs`` (:func:`record_gammas`) and propose a threshold (:func:`propose_threshold`)."""
     gammas = record_gammas(runs, base, space)
-    threshold = propose_threshold(gammas, fraction, quantile)
+    threshold = propose_threshold(gammas, fraction, target, quantile)
     return Calibration(threshold, target_step(gammas.shape[1], fraction), gammas, switch_steps(gammas, threshold))

@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 
 from guidance import APG, CFG, AdaptiveGuidance, Guidance, LinearAG, from_config, get_guidance
-from guidance.ag_calibration import calibrate_threshold, propose_threshold, record_gammas, switch_steps, target_step
+from guidance.ag_calibration import (
+    calibrate_threshold, mean_guided_fraction, propose_threshold, record_gammas, switch_steps, target_step,
+)
 from guidance.adaptive import cosine_per_sample
 from guidance.base import Step
 from guidance.linear_ag import LinearAGCoefficients, fit_affine, fit_linear_ag, relative_residual
@@ -348,11 +350,15 @@ def test_bad_input_is_refused(kwargs, error):
 
 
 # -- calibration helper -------------------------------------------------------------------------------------------
-def test_calibration_proposes_the_threshold_that_switches_at_the_target_fraction():
+def calibration_curves():
     generator = torch.Generator().manual_seed(5)
     curves = torch.sort(torch.rand(5, T, generator=generator, dtype=torch.float64) * 0.2 + 0.8, dim=1).values
-    runs = [lambda g, c=curve: run_scripted(g, [c.tolist()], batch=1) for curve in curves]
-    calibration = calibrate_threshold(runs, base=CFG(SCALE), fraction=0.5)
+    return curves, [lambda g, c=curve: run_scripted(g, [c.tolist()], batch=1) for curve in curves]
+
+
+def test_calibration_quantile_target_switches_the_median_sample_at_the_target_step():
+    curves, runs = calibration_curves()
+    calibration = calibrate_threshold(runs, base=CFG(SCALE), fraction=0.5, target="quantile")
     gammas = record_gammas(runs, base=CFG(SCALE))
     torch.testing.assert_close(gammas, curves, rtol=0, atol=1e-12)
     assert calibration.target_step == target_step(T, 0.5) == 4
@@ -365,7 +371,22 @@ def test_calibration_proposes_the_threshold_that_switches_at_the_target_fraction
     assert predicted.tolist() == calibration.switch_steps.tolist()
     assert sorted(predicted.tolist())[2] == 4  # the median sample switches at the target step
     assert switch_steps(torch.tensor([[0.1, 0.99, 0.2]]), 0.999).tolist() == [2]  # never: costs like T - 1
-    assert propose_threshold(torch.full((2, T), -0.5, dtype=torch.float64)) > 0  # clamped into (0, 1]
+    assert propose_threshold(torch.full((2, T), -0.5, dtype=torch.float64), target="quantile") > 0  # in (0, 1]
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+def test_calibration_mean_target_meets_the_nfe_budget_on_average(fraction):
+    curves, runs = calibration_curves()
+    calibration = calibrate_threshold(runs, base=CFG(SCALE), fraction=fraction)
+    nfes = []
+    for curve in curves:  # each calibration sample generated alone with the proposed threshold
+        result, _, _ = run_scripted(AdaptiveGuidance(CFG(SCALE), threshold=calibration.threshold), [curve.tolist()], batch=1)
+        nfes.append(result.nfe)
+    mean_guided = (sum(nfes) / len(nfes) - T) / T
+    assert mean_guided <= fraction and calibration.mean_nfe_fraction == pytest.approx((1 + mean_guided) / 2)
+    larger = curves[curves > calibration.threshold]  # the next observed gamma would overshoot the budget
+    if larger.numel():
+        assert mean_guided_fraction(curves, float(larger.min())) > fraction
 
 
 # -- LinearAG -----------------------------------------------------------------------------------------------------
