@@ -20,6 +20,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from guidance import APG, CFG, NLG, TAG, TAGCFG, Guidance, resolve_guidance
+from guidance.nlg import scaled_max_norm
 from pipelines.class_conditional import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES, load_digits_split
 from samples.digits_nets import load_evaluator
@@ -28,16 +29,26 @@ from samples.metrics import frechet_distance
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def methods(scale: float, eta: float, eta_cfg: float) -> dict[str, Callable[[], Guidance | list[Guidance]]]:
-    """The compared rules; ``scale`` is diffusers' CFG scale w (APG's ``D_c + (w - 1) U`` is CFG at the same w)."""
+def methods(
+    scale: float, eta: float, eta_cfg: float, nlg_max_norm: float
+) -> dict[str, Callable[[], Guidance | list[Guidance]]]:
+    """The compared rules; ``scale`` is diffusers' CFG scale w (APG's ``D_c + (w - 1) U`` is CFG at the same w).
+
+    NLG runs once with the official absolute clip tau = 0.5 and otherwise with ``nlg_max_norm``.
+    """
+    tau = f"tau={nlg_max_norm:.3g}"
     return {
         "base (cond only)": lambda: CFG(1.0),
         f"TAG eta={eta:g}": lambda: [CFG(1.0), TAG(eta)],
         f"CFG w={scale:g}": lambda: CFG(scale),
         f"TAG-cfg w={scale:g} eta={eta_cfg:g}": lambda: TAGCFG(scale, eta=eta_cfg),
-        "NLG (cond only)": lambda: [NLG(), CFG(1.0)],
-        f"NLG + CFG w={scale:g}": lambda: [NLG(), CFG(scale)],
-        f"NLG + APG w={scale:g} + TAG eta={eta:g}": lambda: [NLG(), APG(scale), TAG(eta)],
+        f"TAG-cfg adaptive w={scale:g} eta={eta_cfg:g}": lambda: TAGCFG(scale, eta=eta_cfg, adaptive=True),
+        "NLG tau=0.5 (official, absolute)": lambda: [NLG(), CFG(1.0)],
+        f"NLG {tau}": lambda: [NLG(max_norm=nlg_max_norm), CFG(1.0)],
+        f"NLG {tau} + CFG w={scale:g}": lambda: [NLG(max_norm=nlg_max_norm), CFG(scale)],
+        f"NLG {tau} + APG w={scale:g} + TAG eta={eta:g}": lambda: [
+            NLG(max_norm=nlg_max_norm), APG(scale), TAG(eta)
+        ],
     }
 
 
@@ -64,13 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=2.0, help="CFG / APG / TAG-cfg scale w")
     parser.add_argument("--eta", type=float, default=1.15, help="TAG's tangential scale")
     parser.add_argument("--eta-cfg", type=float, default=1.0, help="TAG-cfg's additive eta")
+    parser.add_argument("--nlg-max-norm", type=float, default=None,
+                        help="NLG's clip tau (default: the official 0.5 scaled to the image size, scaled_max_norm)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/tag_nlg"), help="output path without suffix")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    pipe = GuidedClassConditionalPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe = GuidedClassConditionalPipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
     evaluator = load_evaluator(args.evaluator)
@@ -79,9 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         test_features = evaluator.features(data.test_images)
         floor = frechet_distance(evaluator.features(data.train_images), test_features)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
+    config = pipe.unet.config
+    nlg_max_norm = args.nlg_max_norm or scaled_max_norm(config.in_channels * config.sample_size**2)
 
     rows = []
-    for name, build in methods(args.scale, args.eta, args.eta_cfg).items():
+    for name, build in methods(args.scale, args.eta, args.eta_cfg, nlg_max_norm).items():
         rule = resolve_guidance(build())
         began = time.perf_counter()
         images, nfe = sample(pipe, rule, labels, args.seed, args.steps, args.batch)
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             accuracy = (evaluator(images).argmax(1) == labels).float().mean().item()
         rows.append({"method": name, "config": repr(rule), "fd_digits": fd, "accuracy": accuracy, "nfe": nfe,
                      "seconds": seconds})
-        print(f"{name:44s} FD {fd:8.3f}  acc {accuracy:.3f}  NFE {nfe:5.1f}  {seconds:6.1f} s", flush=True)
+        print(f"{name:52s} FD {fd:8.3f}  acc {accuracy:.3f}  NFE {nfe:5.1f}  {seconds:6.1f} s", flush=True)
     base = rows[0]
     for row in rows:
         row["fd_ratio"] = row["fd_digits"] / base["fd_digits"]

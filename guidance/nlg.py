@@ -33,6 +33,19 @@ from guidance.spaces import PREDICTION_TYPES, compute_dtype, per_sample_norm
 
 #: the official noise *variance* lambda = 0.001 (``--noise_level``), as a standard deviation
 DEFAULT_NOISE_STD = math.sqrt(1e-3)
+#: the official clip tau = 0.5 and the latent size it was used at (SD2.1 at 768 px: 4x96x96, the README experiment)
+REFERENCE_MAX_NORM = 0.5
+REFERENCE_ELEMENTS = 4 * 96 * 96
+
+
+def scaled_max_norm(elements: int) -> float:
+    """The official clip ``0.5 * sqrt(elements / 36864)`` for ``elements`` per sample.
+
+    ``max_norm`` is an absolute norm while the noise has norm sqrt(D), so the official 0.5 moves SD2.1's noise by at
+    most 0.26 % of its norm per iteration but an 8x8 image's (D = 64) by 6 %. This keeps the relative step
+    (0.0208 for the 8x8 digits, 0.333 for SD1.5's 4x64x64) [not in the paper: a transfer rule for other sizes].
+    """
+    return REFERENCE_MAX_NORM * math.sqrt(elements / REFERENCE_ELEMENTS)
 
 
 def noise_level_direction(cond: torch.Tensor, uncond: torch.Tensor, step: Step) -> torch.Tensor:
@@ -78,7 +91,8 @@ class NLG(Guidance):
     Args:
         steps: refinement iterations K >= 0 (0: off, the noise is returned untouched).
         step_size: > 0, multiplies the clipped direction (official 1.0).
-        max_norm: per-sample clip tau > 0 of the direction, in eps units (official 0.5); ``None``: no clip.
+        max_norm: per-sample clip tau > 0 of the direction, in eps units (official 0.5, set for SD2.1 latents with
+            D = 36,864; :func:`scaled_max_norm` keeps its relative size for other D); ``None``: no clip.
         noise_std: standard deviation >= 0 of the fresh Gaussian perturbation per iteration (0: none). The paper's
             code calls it a *variance*, lambda = 0.001, so the default is sqrt(0.001) ~ 0.0316.
         renormalize: rescale each sample to norm sqrt(D) after every iteration (official: on).

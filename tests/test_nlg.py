@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from guidance import CFG, NLG, Guidance, from_config, get_guidance, resolve_guidance
 from guidance.base import Step
-from guidance.nlg import DEFAULT_NOISE_STD, noise_level_direction, refine_step
+from guidance.nlg import DEFAULT_NOISE_STD, noise_level_direction, refine_step, scaled_max_norm
 from pipelines.conditioning import BranchConditioning
 from pipelines.loop import denoise, derive_generator
 from tests.gmm import two_class_mixture
@@ -259,6 +259,7 @@ def test_registry_config_round_trip():
         assert isinstance(rebuilt, NLG) and rebuilt.config() == module.config()
     assert isinstance(get_guidance("nlg"), NLG)
     assert NLG().noise_std == pytest.approx(math.sqrt(0.001))
+    assert scaled_max_norm(4 * 96 * 96) == 0.5 and scaled_max_norm(64) == pytest.approx(0.5 / 24)
 
 
 @pytest.mark.parametrize(
