@@ -247,17 +247,15 @@ class _Recorder(Guidance):
         self.base, self.steps = base, steps
         self.history, self.use_sample, self.intercept = history, use_sample, intercept
         self.required_branches = base.required_branches
-        self.samples: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
-        self.evaluations: list[dict[str, float]] = []
-        self.evaluation_steps: list[int] = []
         self.run_metadata: dict[str, Any] = {}
         self.reset()
 
     def reset(self) -> None:
         self.base.reset()
         self._past: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=max(self.history, 1))
-        self.samples = {}
-        self.evaluations, self.evaluation_steps = [], []
+        self.samples: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}  # evaluation -> (regressors, target)
+        self.evaluations: list[dict[str, float]] = []
+        self.evaluation_steps: list[int] = []
 
     def branches(self, step: Step, preds: Predictions) -> list[Branch]:
         return self.base.branches(step, preds)
