@@ -34,7 +34,7 @@ class DigitsSplit(NamedTuple):
 
 
 def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
-    """Map raw digit pixels in [0, 16] (any shape ``[N, 64]`` or ``[N, 8, 8]``) to float32 ``[N, 1, 8, 8]`` in [-1, 1]."""
+    """Map raw digit pixels in [0, 16] (shape ``[N, 64]`` or ``[N, 8, 8]``) to float32 ``[N, 1, 8, 8]`` in [-1, 1]."""
     images = np.asarray(pixels, dtype=np.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
     return torch.from_numpy(images / 8.0 - 1.0)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import linalg
 
 
 def feature_statistics(feats: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -25,24 +24,29 @@ def feature_statistics(feats: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np
     return array.mean(axis=0), np.cov(array, rowvar=False)
 
 
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative rounding eigenvalues -> 0)."""
+    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+
+
 def frechet_distance_from_statistics(
-    mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray, eps: float = 1e-6
+    mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray
 ) -> float:
     """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})`` in float64.
 
-    If the product is near singular, ``eps`` is added to both diagonals before the square root (as in the
-    reference FID code). Imaginary parts left by ``scipy.linalg.sqrtm`` are numerical noise and dropped, and a
-    tiny negative result from rounding is clamped to 0.
+    ``Tr((S_a S_b)^{1/2})`` is computed as the sum of the square roots of the eigenvalues of the symmetric
+    matrix ``S_a^{1/2} S_b S_a^{1/2}``, which has the same spectrum. This stays real and exact for singular
+    covariances (dead feature units, fewer samples than dimensions), where a general matrix square root such as
+    ``scipy.linalg.sqrtm`` returns tiny imaginary parts and warnings. A negative rounding residue is clamped to 0.
     """
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     sigma_a, sigma_b = np.atleast_2d(np.asarray(sigma_a, np.float64)), np.atleast_2d(np.asarray(sigma_b, np.float64))
-    covmean = linalg.sqrtm(sigma_a @ sigma_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma_a.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    covmean = np.real(covmean)
+    root_a = _psd_sqrt(sigma_a)
+    middle = root_a @ sigma_b @ root_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)).sum()
     diff = mu_a - mu_b
-    distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean)
+    distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt
     return max(float(distance), 0.0)
 
 

@@ -1,7 +1,8 @@
 """Train the embedded default model: a class-conditional 8x8 digit diffusion model and two classifiers.
 
 Run ``python -m samples.train_digits [--out samples/weights] [--seed 0] [--steps N] [--quick]``. Everything is
-seeded and runs on 2 CPU threads; the full run takes well under 15 minutes on 2 cores. It writes:
+seeded and runs on 2 CPU threads; the full run takes about 10 minutes on 2 otherwise idle cores (on a shared
+machine, ``OMP_WAIT_POLICY=PASSIVE`` avoids a large slow-down and changes no result). It writes:
 
 * ``digits/`` and ``digits-weak/``: diffusers pipeline folders (``unet/``, ``scheduler/``, ``model_index.json``)
   for a class-conditional ``UNet2DModel`` (label 10 is the null label used for the unconditional branch of
@@ -22,6 +23,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ class Settings:
     warmup_steps: int = 100
     ema_decay: float = 0.999
     p_uncond: float = 0.15
-    weak_candidates: tuple[int, ...] = (200, 300, 400, 500, 600, 800, 1000, 1200, 1500)
+    weak_candidates: tuple[int, ...] = (1000, 1250, 1500, 1750, 2000)
     unet_config: dict[str, Any] = field(default_factory=lambda: dict(UNET_CONFIG))
     classifier_steps: int = 1500
     evaluator_steps: int = 1500
@@ -82,7 +84,7 @@ class Settings:
     oversaturated_scale: float = 8.0
 
     @classmethod
-    def quick(cls) -> "Settings":
+    def quick(cls) -> Settings:
         """Tiny settings for smoke tests: minutes become seconds, the metrics become meaningless."""
         return cls(
             diffusion_steps=40,
@@ -99,11 +101,10 @@ class Settings:
 
 @dataclass
 class DiffusionRun:
-    """The EMA model after training, EMA state dicts at the snapshot steps, and the training time."""
+    """The EMA model after training and the EMA state dicts at the snapshot steps."""
 
     unet: UNet2DModel
     snapshots: dict[int, dict[str, torch.Tensor]]
-    seconds: float
 
 
 def make_scheduler() -> DDPMScheduler:
@@ -111,7 +112,7 @@ def make_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**SCHEDULER_CONFIG)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Learning-rate factor: linear warm-up, then cosine decay to 0 at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -156,7 +157,6 @@ def train_diffusion(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, settings.warmup_steps))
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
-    start = time.perf_counter()
     bar = tqdm(range(steps), desc="diffusion", disable=not progress)
     for step in bar:
         index = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
@@ -175,7 +175,7 @@ def train_diffusion(
             snapshots[step + 1] = {name: tensor.clone() for name, tensor in ema.state_dict().items()}
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return DiffusionRun(unet=ema, snapshots=snapshots, seconds=time.perf_counter() - start)
+    return DiffusionRun(unet=ema, snapshots=snapshots)
 
 
 def random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -191,7 +191,7 @@ def random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
 def train_classifier(
     net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int, progress: bool = True
 ) -> nn.Module:
-    """Train ``net`` with cross-entropy, random 1-pixel shifts, AdamW and cosine decay; return it frozen in eval mode."""
+    """Train ``net`` (cross-entropy, random 1-pixel shifts, AdamW, cosine decay); return it frozen, in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps // 20))
@@ -243,7 +243,9 @@ def sample_cfg(
     return sample
 
 
-def _guided_eps(unet: UNet2DModel, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float):
+def _guided_eps(
+    unet: UNet2DModel, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float
+) -> torch.Tensor:
     if scale == 1.0:
         return unet(sample, t, class_labels=labels).sample
     null = torch.full_like(labels, NULL_LABEL)
@@ -320,10 +322,53 @@ def choose_weak(
         candidate = UNet2DModel.from_config(run.unet.config)
         candidate.load_state_dict(state)
         save_pipeline(candidate, make_scheduler(), scratch / f"snapshot-{step}")
-        measured[step] = measure_samples(load_unet(scratch / f"snapshot-{step}"), evaluator, test_features, 1.0, settings)
+        measured[step] = measure_samples(
+            load_unet(scratch / f"snapshot-{step}"), evaluator, test_features, 1.0, settings
+        )
         print(f"  snapshot {step}: class accuracy at scale 1 = {measured[step].accuracy:.3f}")
     weak_step = min(measured, key=lambda step: (abs(measured[step].accuracy - WEAK_TARGET_ACCURACY), step))
     return weak_step, measured
+
+
+class PhaseTimer:
+    """Wall-clock and process CPU seconds per phase (CPU time shows the work when the machine is shared)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> None:
+        """Record the time since the previous lap under ``phase``."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.seconds[phase] = {"wall": wall - self._wall, "cpu": cpu - self._cpu}
+        self._wall, self._cpu = wall, cpu
+
+    def total(self) -> dict[str, float]:
+        """Sum over the recorded phases."""
+        return {kind: sum(phase[kind] for phase in self.seconds.values()) for kind in ("wall", "cpu")}
+
+
+def real_data_reference(evaluator: DigitEvaluator, data: DigitsSplit, subsets: int = 10) -> dict[str, float]:
+    """Accuracies on real digits and the FD-digits references.
+
+    ``fd_test_vs_train`` is the FD of the held-out digits against all training digits (the bar for the samples);
+    ``fd_subsets_*`` summarise the FD of ``subsets`` random 1,000-image training subsets against the held-out
+    digits, the like-for-like spread of a perfect 1,000-sample generator.
+    """
+    with torch.no_grad():
+        test_features, train_features = evaluator.features(data.test_images), evaluator.features(data.train_images)
+    generator = torch.Generator().manual_seed(0)
+    subset_fds = [
+        frechet_distance(train_features[torch.randperm(len(train_features), generator=generator)[:1000]], test_features)
+        for _ in range(subsets)
+    ]
+    return {
+        "evaluator_test_accuracy": accuracy(evaluator, data.test_images, data.test_labels),
+        "evaluator_train_accuracy": accuracy(evaluator, data.train_images, data.train_labels),
+        "fd_test_vs_train": frechet_distance(test_features, train_features),
+        "fd_subsets_mean": sum(subset_fds) / subsets,
+        "fd_subsets_max": max(subset_fds),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,161 +382,221 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.quick() if args.quick else Settings()
     if args.steps is not None:
         settings.diffusion_steps = args.steps
-    out = args.out or (Path(tempfile.mkdtemp(prefix="digits-quick-")) if args.quick else Path(__file__).parent / "weights")
+    default_out = Path(tempfile.mkdtemp(prefix="digits-quick-")) if args.quick else Path(__file__).parent / "weights"
+    out = args.out or default_out
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(NUM_THREADS)
-    started = time.perf_counter()
+    timer = PhaseTimer()
     data = load_digits_split()
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     torch.manual_seed(args.seed + 1)
-    classifier = train_classifier(
-        DigitClassifier(), data.train_images, data.train_labels, steps=settings.classifier_steps, seed=args.seed + 1
+    classifier = DigitClassifier()
+    train_classifier(
+        classifier, data.train_images, data.train_labels, steps=settings.classifier_steps, seed=args.seed + 1
     )
     save_network(classifier, out / "classifier")
-    timings["classifier"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timer.lap("classifier")
     torch.manual_seed(args.seed + 2)
-    evaluator = train_classifier(
-        DigitEvaluator(), data.train_images, data.train_labels, steps=settings.evaluator_steps, seed=args.seed + 2
+    evaluator = DigitEvaluator()
+    train_classifier(
+        evaluator, data.train_images, data.train_labels, steps=settings.evaluator_steps, seed=args.seed + 2
     )
     save_network(evaluator, out / "evaluator")
-    timings["evaluator"] = time.perf_counter() - t0
+    timer.lap("evaluator")
     classifier, evaluator = load_classifier(out / "classifier"), load_evaluator(out / "evaluator")
-    real = {
+    report: dict[str, Any] = {
+        "seed": args.seed,
         "classifier_test_accuracy": accuracy(classifier, data.test_images, data.test_labels),
-        "evaluator_test_accuracy": accuracy(evaluator, data.test_images, data.test_labels),
-        "evaluator_train_accuracy": accuracy(evaluator, data.train_images, data.train_labels),
+        **real_data_reference(evaluator, data),
     }
-    with torch.no_grad():
-        test_features, train_features = evaluator.features(data.test_images), evaluator.features(data.train_images)
-    real["fd_test_vs_train"] = frechet_distance(test_features, train_features)
-    print(json.dumps(real, indent=2))
+    print(json.dumps(report, indent=2))
 
     candidates = tuple(step for step in settings.weak_candidates if step < settings.diffusion_steps)
     run = train_diffusion(
-        data.train_images, data.train_labels, steps=settings.diffusion_steps, seed=args.seed, settings=settings,
+        data.train_images,
+        data.train_labels,
+        steps=settings.diffusion_steps,
+        seed=args.seed,
+        settings=settings,
         snapshot_steps=candidates,
     )
-    timings["diffusion"] = run.seconds
     save_pipeline(run.unet, make_scheduler(), out / "digits")
-    unet = load_unet(out / "digits")
+    timer.lap("diffusion")
 
-    t0 = time.perf_counter()
-    strong = {scale: measure_samples(unet, evaluator, test_features, scale, settings) for scale in (1.0, settings.oversaturated_scale)}
+    unet = load_unet(out / "digits")
+    with torch.no_grad():
+        test_features = evaluator.features(data.test_images)
+    scales = (1.0, settings.oversaturated_scale)
+    strong = {scale: measure_samples(unet, evaluator, test_features, scale, settings) for scale in scales}
     with tempfile.TemporaryDirectory() as scratch:
         weak_step, weak = choose_weak(run, evaluator, test_features, settings, Path(scratch))
     weak_unet = UNet2DModel.from_config(run.unet.config)
     weak_unet.load_state_dict(run.snapshots[weak_step])
     save_pipeline(weak_unet, make_scheduler(), out / "digits-weak")
-    timings["sampling_metrics"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
+    timer.lap("sampling_metrics")
 
-    report = {
-        "seed": args.seed,
-        **real,
-        "strong": {str(scale): vars(metrics) for scale, metrics in strong.items()},
-        "weak_step": weak_step,
-        "weak_candidates": {str(step): metrics.accuracy for step, metrics in weak.items()},
-        "weak": vars(weak[weak_step]),
-        "timings_s": timings,
-        "parameters": sum(p.numel() for p in unet.parameters()),
-    }
+    report.update(
+        strong={f"{scale:g}": vars(metrics) for scale, metrics in strong.items()},
+        weak_step=weak_step,
+        weak_candidates={step: metrics.accuracy for step, metrics in weak.items()},
+        weak=vars(weak[weak_step]),
+        seconds={**timer.seconds, "total": timer.total()},
+        parameters=sum(p.numel() for p in unet.parameters()),
+    )
     print(json.dumps(report, indent=2))
     (out / "MODEL_CARD.md").write_text(model_card(report, settings, data))
     print(f"wrote {out}")
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = [header, tuple("---" for _ in header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+
+
 def model_card(report: dict[str, Any], settings: Settings, data: DigitsSplit) -> str:
-    """The markdown model card for ``report`` (see :func:`main`)."""
-    s1, s8 = report["strong"]["1.0"], report["strong"][str(settings.oversaturated_scale)]
-    scale8 = f"{settings.oversaturated_scale:g}"
-    n_samples = settings.samples_per_class * NUM_CLASSES
+    """The markdown model card for the ``report`` built by :func:`main`."""
+    w8 = f"{settings.oversaturated_scale:g}"
+    s1, s8, weak = report["strong"]["1"], report["strong"][w8], report["weak"]
+    ref = report["fd_test_vs_train"]
     unet = settings.unet_config
-    t = report["timings_s"]
-    candidates = ", ".join(f"{step}: {acc:.3f}" for step, acc in report["weak_candidates"].items())
+    contents = _table(
+        ("folder", "what"),
+        [
+            (
+                "`digits/`",
+                (
+                    f"diffusion pipeline (`unet/`, `scheduler/`, `model_index.json`), EMA after "
+                    f"{settings.diffusion_steps} steps"
+                ),
+            ),
+            ("`digits-weak/`", f"the same run's EMA snapshot after {report['weak_step']} steps: deliberately weaker"),
+            ("`classifier/`", "`DigitClassifier`, the guidance classifier (GFCG)"),
+            ("`evaluator/`", "`DigitEvaluator`, the evaluation network (class accuracy, FD-digits features)"),
+        ],
+    )
+    classifiers = _table(
+        ("network", "architecture", "steps", "seed", "held-out accuracy"),
+        [
+            (
+                "`DigitClassifier`",
+                "conv 32, conv 64, avg-pool, conv 64 (SiLU), global average pool, linear",
+                settings.classifier_steps,
+                report["seed"] + 1,
+                f"{report['classifier_test_accuracy']:.2%}",
+            ),
+            (
+                "`DigitEvaluator`",
+                (
+                    "conv 48, conv 48, max-pool, conv 96, conv 128, max-pool (ReLU), global average "
+                    "pool (128-d features), dropout 0.2, linear"
+                ),
+                settings.evaluator_steps,
+                report["seed"] + 2,
+                f"{report['evaluator_test_accuracy']:.2%}",
+            ),
+        ],
+    )
+    quality = _table(
+        ("metric", "value"),
+        [
+            ("evaluator accuracy, held-out real digits", f"{report['evaluator_test_accuracy']:.2%}"),
+            ("evaluator accuracy, training digits", f"{report['evaluator_train_accuracy']:.2%}"),
+            ("class accuracy, `digits` samples, w = 1", f"{s1['accuracy']:.2%}"),
+            ("class accuracy, `digits-weak` samples, w = 1", f"{weak['accuracy']:.2%}"),
+            (f"class accuracy, `digits` samples, w = {w8}", f"{s8['accuracy']:.2%}"),
+            ("FD-digits, held-out vs all training digits (reference)", f"{ref:.3f}"),
+            (
+                "FD-digits, 1,000-image training subsets vs held-out (10 subsets)",
+                (
+                    f"mean {report['fd_subsets_mean']:.3f} ({report['fd_subsets_mean'] / ref:.2f}x), "
+                    f"max {report['fd_subsets_max']:.3f} ({report['fd_subsets_max'] / ref:.2f}x)"
+                ),
+            ),
+            ("FD-digits, `digits` samples (w = 1) vs held-out", f"{s1['fd_test']:.3f} ({s1['fd_test'] / ref:.2f}x)"),
+            (
+                "FD-digits, `digits-weak` samples (w = 1) vs held-out",
+                f"{weak['fd_test']:.3f} ({weak['fd_test'] / ref:.2f}x)",
+            ),
+            (
+                f"FD-digits, `digits` samples (w = {w8}) vs held-out",
+                f"{s8['fd_test']:.3f} ({s8['fd_test'] / ref:.2f}x)",
+            ),
+            ("pixels outside [-1, 1], w = 1", f"{s1['outside']:.2%}"),
+            (
+                f"pixels outside [-1, 1], w = {w8}",
+                f"{s8['outside']:.2%} ({s8['outside'] / max(s1['outside'], 1e-12):.1f}x)",
+            ),
+            (f"pixels more than {SATURATION_MARGIN} outside [-1, 1], w = 1", f"{s1['outside_margin']:.2%}"),
+            (
+                f"pixels more than {SATURATION_MARGIN} outside [-1, 1], w = {w8}",
+                f"{s8['outside_margin']:.2%} ({s8['outside_margin'] / max(s1['outside_margin'], 1e-12):.0f}x)",
+            ),
+        ],
+    )
+    candidates = ", ".join(f"step {step}: {acc:.2%}" for step, acc in report["weak_candidates"].items())
+    seconds = report["seconds"]
+    timing = _table(
+        ("phase", "wall-clock s", "CPU s"),
+        [(phase, f"{t['wall']:.0f}", f"{t['cpu']:.0f}") for phase, t in seconds.items()],
+    )
     return f"""# Embedded default model: 8x8 digits
 
-Trained by `python -m samples.train_digits --seed {report['seed']}` (diffusers {diffusers.__version__},
-torch {torch.__version__}, {NUM_THREADS} CPU threads). Every number below was measured by that run on the saved
-weights.
+Trained by `python -m samples.train_digits --seed {report["seed"]}` (diffusers {diffusers.__version__}, torch
+{torch.__version__}, {NUM_THREADS} CPU threads). Every number below was measured by that run on the saved weights.
 
 ## Data
 
-scikit-learn's bundled `load_digits` (1,797 8x8 grey-level handwritten digits, 10 classes, no download).
-Pixels in [0, 16] are mapped to [-1, 1] by `x / 8 - 1`. Fixed split (`samples/digits_data.py`):
+scikit-learn's bundled `load_digits` (1,797 8x8 grey-level handwritten digits, 10 classes, no download). Pixels
+in [0, 16] are mapped to [-1, 1] by `x / 8 - 1`. Fixed split (`samples/digits_data.py`):
 `train_test_split(test_size={TEST_FRACTION}, stratify=labels, random_state={SPLIT_SEED})` gives
-{len(data.train_labels)} training and {len(data.test_labels)} held-out images. All networks saw the training
-split only.
+{len(data.train_labels)} training and {len(data.test_labels)} held-out images. All networks saw the training split
+only.
 
 ## Contents
 
-| folder | what |
-|---|---|
-| `digits/` | class-conditional diffusion pipeline (`unet/`, `scheduler/`, `model_index.json`), EMA weights after {settings.diffusion_steps} steps |
-| `digits-weak/` | the same model's EMA snapshot after {report['weak_step']} steps: deliberately weaker |
-| `classifier/` | `DigitClassifier`, the guidance classifier (GFCG) |
-| `evaluator/` | `DigitEvaluator`, the evaluation network (class accuracy, FD-digits features) |
+{contents}
 
-UNets are stored in float16 (the files stay small) and load as float32; the metrics were measured after that
-round trip.
+The UNets are stored in float16 (small files) and load as float32; the metrics were measured after that round trip.
 
 ## Diffusion model
 
-- `UNet2DModel`: sample size 8, 1 channel, `block_out_channels={tuple(unet['block_out_channels'])}`,
-  `layers_per_block={unet['layers_per_block']}`, down blocks `{', '.join(unet['down_block_types'])}`, up blocks
-  `{', '.join(unet['up_block_types'])}`, `norm_num_groups={unet['norm_num_groups']}`,
-  `num_class_embeds={unet['num_class_embeds']}`; {report['parameters']:,} parameters.
-- Class labels 0-9; label **{NULL_LABEL} is the null label** (the unconditional branch of classifier-free guidance).
-  During training each label is replaced by {NULL_LABEL} with probability {settings.p_uncond}.
-- Epsilon prediction, `DDPMScheduler` with 1000 steps, `beta_schedule="squaredcos_cap_v2"`,
-  `clip_sample=False` (clipping x0 would hide the overshoot that guidance methods such as APG correct).
+- `UNet2DModel`: sample size 8, 1 channel, `block_out_channels={tuple(unet["block_out_channels"])}`,
+  `layers_per_block={unet["layers_per_block"]}`, down blocks `{", ".join(unet["down_block_types"])}`,
+  up blocks `{", ".join(unet["up_block_types"])}`, `norm_num_groups={unet["norm_num_groups"]}`,
+  `num_class_embeds={unet["num_class_embeds"]}`; {report["parameters"]:,} parameters.
+- Class labels 0-9; label **{NULL_LABEL} is the null label** (the unconditional branch of classifier-free
+  guidance). During training each label is replaced by {NULL_LABEL} with probability {settings.p_uncond}.
+- Epsilon prediction; `DDPMScheduler` with 1000 steps, `beta_schedule="squaredcos_cap_v2"`, `clip_sample=False`
+  (clipping x0 would hide the overshoot that guidance methods such as APG correct).
 - {settings.diffusion_steps} steps, batch {settings.batch_size}, AdamW lr {settings.learning_rate:g} with
-  {settings.warmup_steps} warm-up steps and cosine decay, EMA decay {settings.ema_decay}
-  (warm-up `min(decay, (1+step)/(10+step))`), no augmentation, seed {report['seed']}.
-- The weak checkpoint is the EMA snapshot (candidates: steps {', '.join(map(str, report['weak_candidates']))})
-  whose class accuracy at scale 1 is closest to {WEAK_TARGET_ACCURACY:.0%}.
+  {settings.warmup_steps} warm-up steps and cosine decay, EMA decay {settings.ema_decay} (warm-up
+  `min(decay, (1 + step) / (10 + step))`), no augmentation, seed {report["seed"]}.
+- `digits-weak` is the EMA snapshot whose class accuracy at w = 1 is closest to {WEAK_TARGET_ACCURACY:.0%}
+  among the candidates ({candidates}).
 
 ## Classifiers
 
-Both trained with cross-entropy, random 1-pixel shifts, AdamW (lr 2e-3, weight decay 1e-4, cosine decay),
-batch 128.
+Both trained on the training split with cross-entropy, random 1-pixel shifts, AdamW (lr 2e-3, weight decay 1e-4,
+cosine decay), batch 128.
 
-| network | architecture | steps | seed | held-out accuracy |
-|---|---|---|---|---|
-| `DigitClassifier` | 3 conv layers (32, 64, 64 channels, SiLU), global average pool, linear | {settings.classifier_steps} | {report['seed'] + 1} | {report['classifier_test_accuracy']:.2%} |
-| `DigitEvaluator` | 2 x (conv, conv, max-pool) with 48 and 96 channels (ReLU), dense 64-d features, linear | {settings.evaluator_steps} | {report['seed'] + 2} | {report['evaluator_test_accuracy']:.2%} |
+{classifiers}
 
 ## Quality
 
 Sampling: DDIM ({settings.inference_steps} steps, eta 0, built `from_config` of the saved scheduler), plain CFG
-`eps = eps_u + w (eps_c - eps_u)`, {n_samples} samples ({settings.samples_per_class} per class), noise seed 0.
-Class accuracy and FD use the samples clamped to [-1, 1]; saturation uses the raw samples. FD-digits is the
-Frechet distance between `DigitEvaluator.features` (64-d) of two image sets.
+`eps = eps_u + w (eps_c - eps_u)` with the null label for `eps_u`, {settings.samples_per_class * NUM_CLASSES}
+samples ({settings.samples_per_class} per class), noise seed 0. Class accuracy and FD-digits use the samples clamped
+to [-1, 1] (as they are shown); the saturation rows use the raw samples. FD-digits is the Frechet distance between
+`DigitEvaluator.features` of two image sets. About half of all real pixels are exactly -1 (background), so even a
+perfect unclipped sampler puts a share of them a hair outside [-1, 1]; the margin rows count real overshoot.
 
-| metric | value |
-|---|---|
-| evaluator accuracy, held-out real digits | {report['evaluator_test_accuracy']:.2%} |
-| evaluator accuracy, training digits | {report['evaluator_train_accuracy']:.2%} |
-| class accuracy of `digits` samples, w = 1 | {s1['accuracy']:.2%} |
-| class accuracy of `digits-weak` samples, w = 1 | {report['weak']['accuracy']:.2%} |
-| FD-digits, held-out vs training digits (reference) | {report['fd_test_vs_train']:.3f} |
-| FD-digits, `digits` samples (w = 1) vs held-out digits | {s1['fd_test']:.3f} ({s1['fd_test'] / report['fd_test_vs_train']:.2f}x the reference) |
-| FD-digits, `digits-weak` samples (w = 1) vs held-out digits | {report['weak']['fd_test']:.3f} |
-| FD-digits, `digits` samples (w = {scale8}) vs held-out digits | {s8['fd_test']:.3f} |
-| class accuracy of `digits` samples, w = {scale8} | {s8['accuracy']:.2%} |
-| pixels outside [-1, 1], w = 1 | {s1['outside']:.2%} |
-| pixels outside [-1, 1], w = {scale8} | {s8['outside']:.2%} ({s8['outside'] / max(s1['outside'], 1e-12):.1f}x) |
-| pixels more than {SATURATION_MARGIN} outside [-1, 1], w = 1 | {s1['outside_margin']:.2%} |
-| pixels more than {SATURATION_MARGIN} outside [-1, 1], w = {scale8} | {s8['outside_margin']:.2%} |
-
-Weak-snapshot candidates (EMA step: class accuracy at w = 1): {candidates}.
+{quality}
 
 ## Training time
 
-Classifier {t['classifier']:.0f} s, evaluator {t['evaluator']:.0f} s, diffusion model {t['diffusion']:.0f} s,
-sampling and metrics {t['sampling_metrics']:.0f} s; total {t['total'] / 60:.1f} min on {NUM_THREADS} CPU threads.
+{timing}
+
+Wall-clock time depends on the machine's load; the CPU time is the work done.
 """
 
 
