@@ -1,7 +1,8 @@
 """Feature extractors for Frechet distance and precision/recall, each with an id that every result records.
 
 * ``fd-digits/<sha256[:12] of model.safetensors>``: the embedded evaluation network
-  (:class:`samples.digits_nets.DigitEvaluator`), its penultimate 64-d features ("FD-digits"); 1x8x8 images in [-1, 1].
+  (:class:`samples.digits_nets.DigitEvaluator`), its ``features()`` (128-d, the input of its linear head:
+  "FD-digits"); 1x8x8 images in [-1, 1].
 * ``inception-v3/<sha256[:12] of the .pt file>``: the TorchScript Inception-v3 ``inception-2015-12-05.pt`` of
   StyleGAN2-ADA / EDM / clean-fid, its 2048-d pool features (FID); RGB in [0, 255] (grayscale repeated to 3 channels),
   any size.
