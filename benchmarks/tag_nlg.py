@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    setting = (f"{args.model}, DDIM {args.steps} steps (clip_sample=False), {args.per_class} samples per class, "
+    model = Path(args.model).resolve()
+    shown = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
+    setting = (f"`{shown}`, DDIM {args.steps} steps (clip_sample=False), {args.per_class} samples per class, "
                f"per-sample seeds {args.seed}..{args.seed + len(labels) - 1}, the same for every method")
     lines = [
         "# TAG, TAG-cfg and NLG on the digits model",
