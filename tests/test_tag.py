@@ -17,7 +17,7 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from guidance import CFG, TAG, TAGCFG, Guidance, from_config, get_guidance, resolve_guidance
+from guidance import APG, CFG, TAG, TAGCFG, AdaptiveGuidance, Guidance, from_config, get_guidance, resolve_guidance
 from guidance.cfg import classifier_free_guidance
 from guidance.tag import FAMILY_ETA, tangential_amplify, tangential_cfg
 from pipelines.conditioning import BranchConditioning
@@ -362,6 +362,16 @@ def test_tag_cfg_composes_with_tag_at_cfg_cost():
     _, result = trajectory(SCHEDULERS["ddim-eps"](), [TAGCFG(3.0, eta=1.0), TAG(1.15)], latents, 5, model,
                            label_conditioning(labels))
     assert result.nfe == 10 and torch.isfinite(result.latents).all()
+
+
+@pytest.mark.parametrize("make", [lambda: APG(3.0), lambda: AdaptiveGuidance(CFG(3.0), threshold=0.5)])
+def test_tag_adds_no_evaluations_to_other_combine_rules(make):
+    model, labels = FakeDenoiser(SHAPE), torch.tensor([2, 9])
+    latents = torch.randn(2, *SHAPE, dtype=torch.float64)
+    _, alone = trajectory(SCHEDULERS["ddim-eps"](), make(), latents, 6, model, label_conditioning(labels))
+    _, tagged = trajectory(SCHEDULERS["ddim-eps"](), [make(), TAG(1.2)], latents, 6, model, label_conditioning(labels))
+    assert tagged.nfe_per_sample == alone.nfe_per_sample
+    assert (tagged.latents - alone.latents).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- configuration and bad input
