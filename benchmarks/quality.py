@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             work, results, samples = Path(tmp) / "run", RESULTS.with_name("quality_smoke"), 20
         command = [*extra, "--scales", *SCALES, "-n", str(samples), "--steps", str(STEPS), "--batch-size", "500",
                    "--shard-size", "500", "--seed", "0", "-o", str(work)]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         code = evaluate(command)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         if code != 0 or not (work / "results.json").is_file():
             return code or 1
         results.mkdir(parents=True, exist_ok=True)
@@ -122,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
     data = json.loads((results / "results.json").read_text())
     rows = data["rows"]
+    generation = sum(row["num_samples"] / row["images_per_s"] for row in rows)
     setting = (
         f"`python -m benchmarks.quality{' --smoke' if args.smoke else ''}`: {samples} samples per cell, DDIM "
         f"{STEPS} steps, seed 0, extractor `{data['extractor']}`, reference: {data['reference']['source']}; "
-        f"saturation = {data['saturation']['definition']}. Wall time {seconds / 60:.1f} min with "
-        f"{args.threads} threads (the machine may be shared; a resumed run counts only the remaining work)."
+        f"saturation = {data['saturation']['definition']}. Generation took {generation / 60:.1f} min of wall time "
+        f"(sum over the shards, including earlier runs this one resumed); this invocation: {seconds / 60:.1f} min "
+        f"wall, {cpu_seconds / 60:.1f} min CPU (all threads) with {args.threads} threads. On a shared machine the "
+        "wall times overstate the cost."
     )
     report = "\n\n".join([
         f"# Guidance quality on the embedded digits model ({'SMOKE: random networks' if args.smoke else 'trained'})",
