@@ -177,24 +177,35 @@ def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard
 
 def dry_run(pipe: Any, task: Task, cells: list[Cell], plans: dict[str, list[shards.Shard]], todo: list[shards.Shard],
             inputs: dict[str, Any], args: argparse.Namespace, world: int) -> str:
-    """The job count and an estimate of the generation time from one timed batch per method (a method with fitted
-    coefficients is timed as CFG, an upper bound of its cost; its calibration is not included)."""
-    probe = min(args.batch_size, 64)
+    """The job count and an estimate of the generation time.
+
+    Each method is timed on two small batches (``b1 < b2`` images); the model ``t(b) = overhead + b * per_image``
+    through both points is extrapolated to ``--batch-size``. A method with fitted coefficients is timed as CFG (an
+    upper bound of its cost; the calibration is not included).
+    """
+    sizes = (min(args.batch_size, 8), min(args.batch_size, 32))
     per_image: dict[str, float] = {}
     for cell in cells:
         if cell.method not in per_image:
             fitted = "coefficients" in cell.needs
             guidance = build_guidance({"name": "cfg", "guidance_scale": cell.scale} if fitted else cell.config, inputs)
-            start = time.perf_counter()
-            generate(pipe, task, guidance, range(probe), probe)
-            per_image[cell.method] = (time.perf_counter() - start) / probe
+            times = []
+            for size in sizes:
+                start = time.perf_counter()
+                generate(pipe, task, guidance, range(size), size)
+                times.append(time.perf_counter() - start)
+            marginal = (times[1] - times[0]) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0] else times[1] / sizes[1]
+            marginal = max(marginal, 0.0)
+            overhead = max(times[0] - sizes[0] * marginal, 0.0)
+            per_image[cell.method] = marginal + overhead / args.batch_size
     pending = {cell.key: sum(s.count for s in todo if s.cell == cell.key) for cell in cells}
     seconds = sum(per_image[cell.method] * pending[cell.key] for cell in cells) / world
     methods = len(per_image)
     return (f"{len(cells)} cells ({methods} methods x {len(args.scales)} scales) x {args.num_samples} images = "
             f"{len(cells) * args.num_samples} images in {sum(map(len, plans.values()))} shards; pending: "
             f"{sum(pending.values())} images in {len(todo)} shards\nestimated generation time: {seconds / 60:.1f} min "
-            f"on {world} process(es) (from one timed batch of {probe} images per method)")
+            f"on {world} process(es) (each method timed on batches of {sizes[0]} and {sizes[1]} images, "
+            f"extrapolated to batches of {args.batch_size})")
 
 
 def load_reference(args: argparse.Namespace, task: Task, extractor: FeatureExtractor) -> Reference:
