@@ -112,8 +112,8 @@ def gfcg_combine(
 
 
 @torch.no_grad()
-def classify(classifier: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, K]`` of ``classifier`` on ``images`` and their softmax in float32 or better (no autograd)."""
+def classify(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``[B, K]``: softmax of ``classifier(images)`` in float32 or better, without autograd."""
     parameter = next(classifier.parameters(), None)
     if parameter is not None:
         images = images.to(device=parameter.device, dtype=parameter.dtype)
@@ -121,8 +121,7 @@ def classify(classifier: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != images.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"classifier must map {images.shape[0]} images to logits [B, K]; got {shape}")
-    logits = logits.detach()
-    return logits, torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=1)
+    return torch.softmax(logits.detach().to(compute_dtype(logits.dtype)), dim=1)
 
 
 def _scatter(buffer: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
@@ -283,29 +282,22 @@ class GFCG(Guidance):
 
     def _select(self, step: Step, cond: torch.Tensor | None) -> None:
         """Pick reference labels and scales for the rows of ``step``; record them in :attr:`history`."""
-        count = step.sample.shape[0]
-        device = step.sample.device
+        count, device = step.sample.shape[0], step.sample.device
         reference = torch.full((count,), -1, dtype=torch.long, device=device)
         scale = torch.zeros(count, dtype=torch.float32, device=device)
         target_prob = torch.full((count,), float("nan"), dtype=torch.float32, device=device)
-        x0 = self._estimate(step, cond) if self._in_window(step) and not self._reuses_stage(step) else None
         if self._reuses_stage(step):
             rows = slice(None) if step.rows is None else step.rows.to(device)
             reference, scale = self._stage[0][rows], self._stage[1][rows]
-        elif x0 is not None:
-            target = self._targets(step).to(device)
-            images = x0 if step.decode is None else step.decode(x0)
-            _, probs = classify(self.classifier, images)
-            self._check(step, probs, target)
-            probs = probs.to(device)
-            reference = choose_reference(probs, target, self.reference)
-            scale = gfcg_scale(probs, target, reference, self.scale_rule, self.guidance_scale, self.w_max).float()
-            target_prob = probs.gather(1, target[:, None])[:, 0].float()
+        elif self._in_window(step):
+            x0 = self._estimate(step, cond)
+            if x0 is not None:
+                reference, scale, target_prob = self._score(step, x0)
         if step.first_stage:
-            whole = (torch.full((step.batch_size,), -1, dtype=torch.long, device=device),
-                     torch.zeros(step.batch_size, dtype=torch.float32, device=device))
-            previous = whole if self._stage is None else self._stage
-            self._stage = (_scatter(previous[0], step.rows, reference), _scatter(previous[1], step.rows, scale))
+            if self._stage is None:
+                self._stage = (torch.full((step.batch_size,), -1, dtype=torch.long, device=device),
+                               torch.zeros(step.batch_size, dtype=torch.float32, device=device))
+            self._stage = (_scatter(self._stage[0], step.rows, reference), _scatter(self._stage[1], step.rows, scale))
         active = torch.nonzero(scale > 0).flatten()
         self._selection = (reference, scale)
         self._ref_branch = Branch("ref", rows=active, labels=reference[active])
@@ -314,6 +306,17 @@ class GFCG(Guidance):
             "rows": None if step.rows is None else step.rows.cpu(),
             "reference": reference.cpu(), "scale": scale.cpu(), "target_prob": target_prob.cpu(),
         })
+
+    def _score(self, step: Step, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Classifier pass on ``decode(x0)``: reference labels, scales ``w_t`` and target probabilities."""
+        device = step.sample.device
+        target = self._targets(step).to(device)
+        probs = classify(self.classifier, x0 if step.decode is None else step.decode(x0))
+        self._check(step, probs, target)
+        probs = probs.to(device)
+        reference = choose_reference(probs, target, self.reference)
+        scale = gfcg_scale(probs, target, reference, self.scale_rule, self.guidance_scale, self.w_max)
+        return reference, scale.float(), probs.gather(1, target[:, None])[:, 0].float()
 
     @staticmethod
     def _targets(step: Step) -> torch.Tensor:
