@@ -1,0 +1,51 @@
+"""The GFCG benchmark's statistics and its end-to-end smoke run (tiny random networks)."""
+
+import csv
+
+import pytest
+import torch
+from scipy.stats import binomtest
+
+from benchmarks.gfcg import Row, best_cfg_at_fd, main, mcnemar_p
+
+
+@pytest.mark.parametrize(("n", "p_a", "p_b", "seed"), [(400, 0.95, 0.9, 0), (60, 0.5, 0.5, 1), (2000, 0.99, 0.98, 2)])
+def test_mcnemar_p_matches_the_exact_binomial_test_on_discordant_pairs(n, p_a, p_b, seed):
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.rand(n, generator=generator) < p_a, torch.rand(n, generator=generator) < p_b
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    assert mcnemar_p(a, b) == pytest.approx(binomtest(only_a, only_a + only_b, 0.5).pvalue, rel=1e-12)
+    assert mcnemar_p(a, b) == pytest.approx(mcnemar_p(b, a), rel=1e-12)
+
+
+def test_mcnemar_p_is_one_without_discordant_pairs():
+    verdicts = torch.tensor([True, False, True])
+    assert mcnemar_p(verdicts, verdicts.clone()) == 1.0
+
+
+def _row(method: str, accuracy: float, fd: float) -> Row:
+    return Row(method, "w=1", accuracy, accuracy, fd, 0.9, 0.9, 50.0, 25, 1.0, correct=torch.ones(1, dtype=torch.bool))
+
+
+def test_best_cfg_at_fd_takes_the_most_accurate_cfg_run_not_worse_in_fd():
+    rows = [_row("CFG", 0.97, 10.0), _row("CFG", 0.99, 12.0), _row("CFG", 1.0, 30.0), _row("GFCG", 1.0, 5.0)]
+    assert best_cfg_at_fd(rows, 9.0) is None
+    assert best_cfg_at_fd(rows, 10.0).accuracy == 0.97
+    assert best_cfg_at_fd(rows, 29.9).accuracy == 0.99
+    assert best_cfg_at_fd(rows, 100.0).accuracy == 1.0
+
+
+def test_smoke_run_writes_one_row_per_configuration(tmp_path):
+    main(["--smoke", "--out", str(tmp_path), "--threads", "1", "--cfg-scales", "1", "1.5", "--gfcg-scales", "1",
+          "--combined-lambdas", "0.5", "--variant-lambda", "1"])
+    with open(tmp_path / "gfcg.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # CFG at 2 scales, GFCG at 1 lambda, GFCG+CFG and its previous-x0 variant at the one scale above 1
+    assert [(row["method"], row["scale"]) for row in rows] == [
+        ("CFG", "w=1"), ("CFG", "w=1.5"), ("GFCG", "lambda=1"), ("GFCG+CFG (lambda=0.5)", "w=1.5"),
+        ("GFCG+CFG (lambda=1, previous x0)", "w=1.5"),
+    ]
+    assert [float(row["nfe"]) for row in rows][:2] == [3.0, 6.0]  # 3 DDIM steps: 1 and 2 forwards per step
+    table = (tmp_path / "gfcg.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "of 2 ('none'" in table
+    assert (tmp_path / "gfcg.png").stat().st_size > 0
