@@ -127,6 +127,11 @@ def classify(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != images.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"classifier must map {images.shape[0]} images to logits [B, K]; got {shape}")
+    if not torch.isfinite(logits).all():
+        raise ValueError(
+            "classifier returned non-finite logits (NaN or inf): its input, the decoded denoised estimate, or the "
+            "classifier itself overflowed; run the classifier in float32 (the pipelines decode in float32)"
+        )
     return torch.softmax(logits.detach().to(compute_dtype(logits.dtype)), dim=1)
 
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance, run_guided_loop
+from pipelines.common import GuidedPipelineOutput, check_steps, decode_float32, pipeline_guidance, run_guided_loop
 from pipelines.conditioning import BranchConditioning
 
 
@@ -114,7 +114,13 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
         return dit_fn
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (or pixels) -> pixels in [-1, 1], float32."""
+        """Denoised latents (or pixels) -> pixels in [-1, 1] for guidance rules, float32 (a VAE decodes in float32)."""
+        if self.vae is None:
+            return latents.float()
+        return decode_float32(self.vae, latents / self.vae.config.scaling_factor)
+
+    def _decode_output(self, latents: torch.Tensor) -> torch.Tensor:
+        """The final decode: as :meth:`_decode`, but a VAE decodes in its own dtype, as diffusers' pipelines do."""
         if self.vae is None:
             return latents.float()
         image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
@@ -197,7 +203,7 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
         if output_type == "latent":
             images: Any = result.latents
         else:
-            pixels = (self._decode(result.latents) / 2 + 0.5).clamp(0, 1)
+            pixels = (self._decode_output(result.latents) / 2 + 0.5).clamp(0, 1)
             images = pixels.cpu() if output_type == "pt" else pixels.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 images = self.numpy_to_pil(images)

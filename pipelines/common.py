@@ -36,6 +36,26 @@ class GuidedPipelineOutput(BaseOutput):
         return cls(images, result.nfe, result.nfe_per_sample, result.model_calls, result.trace, nsfw)
 
 
+def decode_float32(vae: torch.nn.Module, vae_latents: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(vae_latents)`` computed in float32 (or the VAE's wider dtype): pixels in [-1, 1], float32.
+
+    A float16 or bfloat16 VAE is cast to float32 for the call and back afterwards (exact: every half-precision value is
+    a float32 value; ``float()`` / ``half()`` / ``bfloat16()`` rather than ``to(dtype)``, which logs a warning per
+    call in diffusers); a quantized VAE decodes as it is. This is the decode of the denoised estimate that guidance
+    rules read (GFCG's classifier input): half-precision VAE decodes can overflow to inf/NaN.
+    """
+    restore = {torch.float16: vae.half, torch.bfloat16: vae.bfloat16}.get(vae.dtype)
+    if getattr(vae, "is_quantized", False):
+        restore = None
+    if restore is not None:
+        vae.float()
+    try:
+        return vae.decode(vae_latents.to(vae.dtype), return_dict=False)[0].float()
+    finally:
+        if restore is not None:
+            restore()
+
+
 def pipeline_guidance(
     guidance: Any, guidance_scale: float | None, guidance_rescale: float = 0.0, default_scale: float = 7.5
 ) -> Guidance:

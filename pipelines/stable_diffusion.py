@@ -9,7 +9,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from pipelines.common import GuidedPipelineOutput, check_steps, label_condition, pipeline_guidance, run_guided_loop
+from pipelines.common import (
+    GuidedPipelineOutput,
+    check_steps,
+    decode_float32,
+    label_condition,
+    pipeline_guidance,
+    run_guided_loop,
+)
 from pipelines.conditioning import BranchConditioning
 
 
@@ -22,9 +29,8 @@ class GuidedStableDiffusionPipeline(StableDiffusionPipeline):
     """
 
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [-1, 1], float32 (VAE in its own dtype)."""
-        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(scaled, return_dict=False)[0].float()
+        """Denoised latents -> pixels in [-1, 1] for guidance rules, decoded in float32."""
+        return decode_float32(self.vae, latents / self.vae.config.scaling_factor)
 
     @torch.no_grad()
     def __call__(

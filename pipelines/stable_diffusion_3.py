@@ -9,7 +9,14 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from pipelines.common import GuidedPipelineOutput, check_steps, label_condition, pipeline_guidance, run_guided_loop
+from pipelines.common import (
+    GuidedPipelineOutput,
+    check_steps,
+    decode_float32,
+    label_condition,
+    pipeline_guidance,
+    run_guided_loop,
+)
 from pipelines.conditioning import BranchConditioning
 
 
@@ -24,10 +31,13 @@ class GuidedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     branches (GFCG), encoded once per call.
     """
 
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The parent's scaling and shift of latents before the VAE decode."""
+        return latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [-1, 1], float32 (the parent's scaling and shift)."""
-        scaled = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0].float()
+        """Denoised latents -> pixels in [-1, 1] for guidance rules, decoded in float32."""
+        return decode_float32(self.vae, self._vae_latents(latents))
 
     @torch.no_grad()
     def __call__(
@@ -161,7 +171,8 @@ class GuidedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if output_type == "latent":
             images: Any = result.latents
         else:
-            images = self.image_processor.postprocess(self._decode_pixels(result.latents), output_type=output_type)
+            decoded = self.vae.decode(self._vae_latents(result.latents).to(self.vae.dtype), return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

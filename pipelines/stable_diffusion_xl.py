@@ -9,7 +9,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
-from pipelines.common import GuidedPipelineOutput, check_steps, label_condition, pipeline_guidance, run_guided_loop
+from pipelines.common import (
+    GuidedPipelineOutput,
+    check_steps,
+    decode_float32,
+    label_condition,
+    pipeline_guidance,
+    run_guided_loop,
+)
 from pipelines.conditioning import BranchConditioning
 
 
@@ -24,23 +31,25 @@ class GuidedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     label set for labelled reference branches (GFCG), encoded once per call with the positive time ids.
     """
 
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The parent's un-normalisation before the VAE decode (latent mean/std when the VAE config has them)."""
+        config = self.vae.config
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            return latents * std / config.scaling_factor + mean
+        return latents / config.scaling_factor
+
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [-1, 1], float32, as the parent decodes (latent mean/std, fp16 VAE upcast)."""
-        vae = self.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        if upcast:
-            vae.to(dtype=torch.float32)
-        try:
-            if vae.config.get("latents_mean") is not None and vae.config.get("latents_std") is not None:
-                mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-                std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-                latents = latents * std / vae.config.scaling_factor + mean
-            else:
-                latents = latents / vae.config.scaling_factor
-            return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
-        finally:
-            if upcast:
-                vae.to(dtype=torch.float16)
+        """Denoised latents -> pixels in [-1, 1] for guidance rules, decoded in float32."""
+        return decode_float32(self.vae, self._vae_latents(latents))
+
+    def _decode_output(self, latents: torch.Tensor) -> torch.Tensor:
+        """The final decode as the parent does it: in float32 for a float16 VAE with ``force_upcast``, else in the
+        VAE's dtype."""
+        if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
+            return self._decode_pixels(latents)
+        return self.vae.decode(self._vae_latents(latents).to(self.vae.dtype), return_dict=False)[0].float()
 
     def _time_ids(self, original: Any, crop: Any, target: Any, dtype: torch.dtype, projection_dim: int) -> torch.Tensor:
         return self._get_add_time_ids(original, crop, target, dtype=dtype, text_encoder_projection_dim=projection_dim)
@@ -206,7 +215,7 @@ class GuidedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         if output_type == "latent":
             images: Any = result.latents
         else:
-            decoded = self._decode_pixels(result.latents)
+            decoded = self._decode_output(result.latents)
             if self.watermark is not None:
                 decoded = self.watermark.apply_watermark(decoded)
             images = self.image_processor.postprocess(decoded, output_type=output_type)

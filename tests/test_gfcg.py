@@ -3,6 +3,7 @@ classifier as the guiding classifier, a tiny text-to-image pipeline, configurati
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -412,6 +413,66 @@ def test_text_to_image_classifier_size_must_match_the_label_set(tiny_sd):
     with pytest.raises(ValueError, match="4 logits but the pipeline's label set has 3 labels"):
         tiny_sd("a cat", num_inference_steps=2, guidance=GFCG(TinyImageClassifier(4)), label_prompts=LABEL_PROMPTS,
                 target_labels=[0], output_type="pt")
+
+
+class RecordingClassifier(TinyImageClassifier):
+    """Records the dtype of every image batch it classifies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_dtypes: list[torch.dtype] = []
+
+    def forward(self, x):
+        self.input_dtypes.append(x.dtype)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_decode_float32_avoids_half_precision_overflow_and_restores_the_vae(half):
+    from pipelines.common import decode_float32
+    from tests.tiny import tiny_vae
+
+    vae = tiny_vae().eval().to(half)
+    weights = {name: value.clone() for name, value in vae.state_dict().items()}
+    reference = copy.deepcopy(vae).float()  # the same (rounded) weights, computed in float32
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 6e4  # representable in float16
+    with torch.no_grad():
+        pixels = decode_float32(vae, latents)
+        expected = reference.decode(latents, return_dict=False)[0]
+        native = vae.decode(latents.to(half), return_dict=False)[0]
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, expected) and torch.isfinite(pixels).all()
+    if half == torch.float16:
+        assert not torch.isfinite(native).all()  # what the float32 decode avoids
+    assert vae.dtype == half and all(torch.equal(weights[name], value) for name, value in vae.state_dict().items())
+
+
+def test_text_to_image_decodes_for_the_classifier_in_float32_with_a_half_precision_vae(tiny_sd, monkeypatch):
+    vae, classifier, decode_dtypes = tiny_sd.vae, RecordingClassifier(), []
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda *args, **kw: decode_dtypes.append(vae.dtype) or decode(*args, **kw))
+    weights = copy.deepcopy(vae.state_dict())
+    vae.half()
+    try:
+        tiny_sd(["a cat"], num_inference_steps=2, guidance=GFCG(classifier), label_prompts=LABEL_PROMPTS,
+                target_labels=[1], output_type="latent")
+        assert vae.dtype == torch.float16
+    finally:
+        vae.float()
+        vae.load_state_dict(weights)
+    assert decode_dtypes == [torch.float32] * 2 and classifier.input_dtypes == [torch.float32] * 2
+
+
+def test_non_finite_classifier_logits_are_refused(mixture, scheduler):
+    class NaNClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), float("nan")) * self.scale
+
+    with pytest.raises(ValueError, match="non-finite logits"):
+        sample(mixture, scheduler, GFCG(NaNClassifier()), torch.tensor([0, 1]), seed=0)
 
 
 # -- configuration and bad input ---------------------------------------------------------------------------------------
