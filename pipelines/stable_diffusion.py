@@ -9,14 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from pipelines.common import (
-    GuidedPipelineOutput,
-    check_steps,
-    decode_float32,
-    label_condition,
-    pipeline_guidance,
-    run_guided_loop,
-)
+from pipelines.common import GuidedPipelineOutput, check_steps, decode_float32, label_condition
+from pipelines.common import pipeline_guidance, run_guided_loop
 from pipelines.conditioning import BranchConditioning
 
 
