@@ -65,7 +65,8 @@ def _indicator(probs: torch.Tensor, target: torch.Tensor, reference: torch.Tenso
     return (probs.argmax(dim=1) != target).to(probs.dtype)
 
 
-#: confusion signals ``f(probs [B, K], target [B], reference [B]) -> [B]``, before ``lambda`` and the clip
+#: confusion signals ``f(probs [B, K], target [B], reference [B]) -> [B]``, before ``lambda`` and the clip; add a
+#: function under a new name to plug in another rule (``GFCG(scale_rule=name)``, and its config, then accept it)
 SCALE_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ratio": _ratio,
     "one_minus_p": _one_minus_p,
@@ -155,7 +156,8 @@ class GFCG(Guidance):
             :meth:`config` (a module is not serialisable): rebuild with ``from_config({**config, "classifier": net})``
             or ``get_guidance("gfcg", classifier=net, ...)``.
         guidance_scale: lambda >= 0, the factor of the confusion signal (0 turns GFCG off: 1 NFE per step).
-        scale_rule: ``"ratio"``, ``"one_minus_p"`` or ``"indicator"`` (:data:`SCALE_RULES`) [reconstruction].
+        scale_rule: ``"ratio"``, ``"one_minus_p"``, ``"indicator"`` or a rule added to :data:`SCALE_RULES`
+            [reconstruction].
         reference: ``"exclude_target"`` (the most probable other class) or ``"include_target"`` (the most probable
             class; samples whose reference is their target get ``w = 0`` and no reference NFE) [reconstruction].
         w_max: upper clip of ``w_t`` (> 0) [reconstruction].

@@ -113,6 +113,23 @@ def test_scale_rules_closed_form_monotone_and_bounded(rule):
     assert w[-1] == (w_max if rule == "ratio" else min(lam, w_max))
 
 
+def test_a_rule_added_to_scale_rules_is_accepted_by_name(monkeypatch, classifier):
+    from guidance import gfcg as gfcg_module
+
+    def squared_confusion(probs, target, reference):
+        return (1 - probs.gather(1, target[:, None])[:, 0]) ** 2
+
+    with pytest.raises(ValueError, match="scale_rule"):
+        GFCG(classifier, scale_rule="squared")
+    monkeypatch.setitem(gfcg_module.SCALE_RULES, "squared", squared_confusion)
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.8, 0.1]])
+    target = torch.tensor([0, 1])
+    scale = gfcg_scale(probs, target, choose_reference(probs, target), "squared", 2.0, 4.0)
+    torch.testing.assert_close(scale, torch.tensor([2 * 0.25, 2 * 0.04]))
+    rebuilt = from_config({**GFCG(classifier, scale_rule="squared").config(), "classifier": classifier})
+    assert rebuilt.scale_rule == "squared"
+
+
 def test_reference_rules():
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
     target = torch.tensor([0, 2, 1])
