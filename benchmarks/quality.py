@@ -49,16 +49,12 @@ def smoke_model(root: Path) -> list[str]:
 
     from pipelines import GuidedClassConditionalPipeline
     from samples.digits_nets import DigitClassifier, DigitEvaluator, save_network
+    from samples.train_digits import NULL_LABEL, QUICK_UNET_CONFIG, SCHEDULER_CONFIG
 
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, num_class_embeds=11, block_out_channels=(8, 16),
-        layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    GuidedClassConditionalPipeline(DDIMScheduler(clip_sample=False), unet=unet, null_class_label=10).save_pretrained(
-        root / "model"
-    )
+    unet = UNet2DModel(**QUICK_UNET_CONFIG)
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    GuidedClassConditionalPipeline(scheduler, unet=unet, null_class_label=NULL_LABEL).save_pretrained(root / "model")
     save_network(DigitEvaluator(width=8, feature_dim=16), root / "evaluator")
     save_network(DigitClassifier(width=8), root / "classifier")
     return ["--model", str(root / "model"), "--evaluator", str(root / "evaluator"), "--classifier",
