@@ -67,8 +67,19 @@ def overlay(base: Any, overrides: Any) -> Any:
     return overrides
 
 
+def unwrap(tree: Any) -> Any:
+    """``tree`` with its shared leaves unwrapped (no copy)."""
+    if isinstance(tree, Mapping):
+        return {key: unwrap(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(unwrap(value) for value in tree)
+    return tree.value if isinstance(tree, Shared) else tree
+
+
 def concat(trees: Sequence[Any]) -> Any:
     """Row-wise concatenation of keyword trees of the same structure; shared leaves are unwrapped."""
+    if len(trees) == 1:
+        return unwrap(trees[0])
     first = trees[0]
     if isinstance(first, Mapping):
         return {key: concat([tree[key] for tree in trees]) for key in first}
