@@ -369,7 +369,7 @@ class _Call:
                 raise ValueError(f"the pipeline's batched CFG input has an odd number of rows ({rows})")
             half = rows // 2
             tree = self._deinterleave(tree, rows)
-            branches = {"uncond": take(tree, torch.arange(half)), "cond": take(tree, torch.arange(half, rows))}
+            branches = {"uncond": take(tree, slice(0, half)), "cond": take(tree, slice(half, rows))}
             model_input = x[half:]
         else:
             branches, model_input = {"cond": tree}, x

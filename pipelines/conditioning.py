@@ -49,15 +49,16 @@ def batch_tree(tree: Any, rows: int, shared_names: Sequence[str] = ()) -> Any:
     return Shared(tree)
 
 
-def take(tree: Any, index: torch.Tensor) -> Any:
-    """The rows ``index`` of every batch-first leaf of ``tree`` (shared leaves unchanged)."""
+def take(tree: Any, index: torch.Tensor | slice) -> Any:
+    """The rows ``index`` (indices, or a slice: views, no copy) of every batch-first leaf of ``tree`` (shared
+    leaves unchanged)."""
     if isinstance(tree, Mapping):
         return {key: take(value, index) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(take(value, index) for value in tree)
     if isinstance(tree, Shared):
         return tree
-    return tree[index.to(tree.device)]
+    return tree[index if isinstance(index, slice) else index.to(tree.device)]
 
 
 def overlay(base: Any, overrides: Any) -> Any:
