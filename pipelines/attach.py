@@ -182,8 +182,7 @@ class Attachment:
         kwargs = self._call_kwargs(dict(kwargs))
         check_servable(self.pipe, self.guidance, self.family, label_set is not None)
         if decode is None:
-            family, pipe, call_args = self.family, self.pipe, kwargs
-            decode = lambda latents: family.decode(pipe, call_args, latents)  # noqa: E731
+            decode = functools.partial(self.family.decode, self.pipe, kwargs)
         self.call = _Call(self, kwargs.get("generator"), label_set, target_labels, decode)
         call = self.call
         try:

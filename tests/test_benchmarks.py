@@ -62,3 +62,15 @@ def test_attach_overhead_smoke_run_times_every_candidate(tmp_path):
     assert nfe["plain CFG"] == nfe["attached CFG"] == nfe["attached APG"] == nfe["attached CFG+TAG"] == 8
     assert nfe["attached AG"] < 8  # calibrated to switch after half of the 4 steps
     assert all(row["median"] > 0 and row["ratio"] > 0 for row in rows)
+
+
+def test_gpu_throughput_smoke_run_covers_every_candidate(tmp_path):
+    from benchmarks.gpu_throughput import main as throughput
+
+    rows = throughput(["--smoke", "--workdir", str(tmp_path)])
+    names = ["plain CFG", "Guided* CFG", "cfg", "apg", "ag", "tag", "tag-cfg", "nlg", "gfcg"]
+    assert [row["name"] for row in rows] == names * 2  # batch 1 and 2
+    nfe = {row["name"]: row["nfe"] for row in rows if row["batch"] == 2}
+    assert nfe["plain CFG"] == nfe["cfg"] == nfe["apg"] == nfe["tag"] == nfe["Guided* CFG"] == 4  # 2 DDIM steps
+    assert nfe["nlg"] == 4 + 2 * 2 and nfe["ag"] <= 4 and nfe["gfcg"] > 4
+    assert all(row["images_per_second"] > 0 for row in rows)
