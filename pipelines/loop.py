@@ -8,8 +8,9 @@ network call processes is counted, so the result carries the network evaluations
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -105,8 +106,16 @@ class _NoiseContext:
     def __init__(self, loop: _LoopState) -> None:
         self.loop = loop
 
-    def step_for(self, noise: torch.Tensor) -> Step:
-        return self.loop.step(0, noise * self.loop.init_noise_sigma * self.loop.adapter.input_scale(0), -1, True, 0)
+    def step_for(self, noise: torch.Tensor, timestep: int | None = None) -> Step:
+        if timestep is None:
+            return self.loop.step(0, noise * self.loop.init_noise_sigma * self.loop.adapter.input_scale(0), -1, True, 0)
+        alphas_cumprod = getattr(self.loop.adapter.scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None or not 0 <= timestep < len(alphas_cumprod):
+            raise ValueError(f"timestep must be a training timestep of a VP-type scheduler (alphas_cumprod), got "
+                             f"{timestep} for {type(self.loop.adapter.scheduler).__name__}")
+        abar = float(alphas_cumprod[timestep])
+        t = torch.tensor(timestep, dtype=self.loop.timesteps.dtype, device=self.loop.timesteps.device)
+        return replace(self.loop.step(0, noise, -1, True, 0), timestep=t, alpha=math.sqrt(abar), sigma=math.sqrt(1 - abar))
 
     def evaluate(self, step: Step, branches: Sequence[Branch]) -> dict[str, torch.Tensor]:
         trace: dict[str, int] = {}
@@ -152,6 +161,7 @@ class _LoopState:
             target_labels=self.conditioning.target_labels,
             decode=self.decode,
             num_labels=self.conditioning.num_labels,
+            scheduler=self.adapter.scheduler,
         )
 
 
