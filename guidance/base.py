@@ -120,6 +120,13 @@ class Guidance:
     def reset(self) -> None:
         """Forget all per-generation state (called at the start of every generation)."""
 
+    @classmethod
+    def couples_batch(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a module built from ``config`` (this class's :meth:`config` dict) lets a sample's result depend
+        on the other samples of its batch. False for every rule at its defaults; tools that promise batch-independent
+        images (``guidance-evaluate``) key the runs of such a configuration by batch size."""
+        return False
+
     def prepare_noise(self, noise: torch.Tensor, context: NoiseContext) -> torch.Tensor:
         """Return the initial noise to sample from (unit variance in, unit variance out)."""
         return noise
