@@ -88,7 +88,6 @@ FAMILIES: tuple[Family, ...] = (
     Family("StableDiffusionControlNetPipeline", "batched", True),
     Family("StableDiffusionXLPipeline", "batched", True, interleaved=("time_ids",)),
     Family("StableDiffusionXLImg2ImgPipeline", "batched", False),
-    Family("StableDiffusionXLControlNetPipeline", "batched", True, interleaved=("time_ids",)),
     Family("StableDiffusion3Pipeline", "batched", True),
     Family("FluxPipeline", "sequential", True, decode=decode_packed_latents, shared_keywords=("img_ids", "txt_ids")),
 )
