@@ -60,6 +60,13 @@ def derive_generator(generator: Generator, salt: int) -> Generator:
     return torch.Generator(device=generator.device).manual_seed((base + 0x9E3779B97F4A7C15 * (salt + 1)) % 2**62)
 
 
+def check_steps(num_inference_steps: object) -> int:
+    """``num_inference_steps`` must be a positive int."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    return num_inference_steps
+
+
 def check_branches(guidance: Guidance, conditioning: BranchConditioning) -> None:
     """Refuse, before any work, a guidance that needs a branch the pipeline cannot provide."""
     missing = sorted(name for name in guidance.required_branches if not conditioning.has_branch(name))
@@ -151,7 +158,8 @@ class GuidedRun:
         active = [(b, r) for b, r in zip(branches, rows) if r.numel() > 0]
         if not active:
             return preds
-        x = torch.cat([model_input[r.to(model_input.device)] for _, r in active])
+        parts = [model_input if b.rows is None else model_input[r.to(model_input.device)] for b, r in active]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
         kwargs = conditioning.gather([b for b, _ in active], [r for _, r in active])
         out = model_fn(x, step.timestep, **kwargs)
         self.calls += 1
