@@ -6,7 +6,8 @@ predictions over all non-batch elements (in float32 or better),
     gamma_k = <p_c, p_u> / (||p_c|| ||p_u||),          p = x0 prediction (``space="x0"``, default) or raw output,
 
 and runs the wrapped rule (CFG, APG, ...) unchanged while ``gamma_k < threshold``. Once ``gamma_k >= threshold``
-(for every sample with ``reduce="all"``; sample by sample with ``reduce="per-sample"``) a one-way latch switches the
+(sample by sample with ``reduce="per-sample"``, the default; for every sample at once with ``reduce="all"``, which
+makes a sample's switch, image and NFE depend on its batch-mates) a one-way latch switches the
 remaining steps ``k+1 ... T-1`` to conditional-only steps (``out = out_c``, 1 NFE per sample): a switch after step k
 costs ``T + k + 1`` network evaluations instead of ``2T``.
 
@@ -23,6 +24,8 @@ no switch).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -79,12 +82,16 @@ class AdaptiveGuidance(Guidance):
     Args:
         base: the rule to run before the switch: a module (``CFG(5)``, ``APG(...)``), a registered name or a config
             dict (default ``"cfg"``).
-        threshold: gamma-bar in (0, 1] (default 0.991, the paper's value reported second-hand; calibrate it).
+        threshold: gamma-bar in (0, 1] (default 0.991, the paper's value reported second-hand, tuned for its
+            Stable Diffusion setting on outputs whose space the paper does not state; on x0 it was calibrated to
+            0.985-0.9994 on the digits model and 1 - 1e-6 on an SD-1.5-layout UNet: calibrate it,
+            :mod:`guidance.ag_calibration`).
         space: ``"x0"`` (default: cosine of the denoised predictions) or ``"output"`` (of the raw network outputs,
             e.g. epsilon).
-        reduce: ``"all"`` (default): switch the whole batch when every sample's gamma reached the threshold at the
-            same step; ``"per-sample"``: latch each sample on its own and evaluate the unconditional row only for
-            samples that have not switched.
+        reduce: ``"per-sample"`` (default): latch each sample on its own and evaluate the unconditional row only
+            for samples that have not switched, so a sample's image and NFE do not depend on which samples share its
+            batch; ``"all"``: switch the whole batch when every sample's gamma reached the threshold at the same step
+            (one policy per batch: results then **depend on the batching**, e.g. on the batch size).
         guidance_scale: builds ``base`` when it is a name; otherwise only checked against the base's own scale
             (``None``: the base's scale). Lets ``pipe(..., guidance="ag", guidance_scale=5)`` work.
         record_only: measure gamma at every step but never switch (calibration runs; the output is the base rule's).
@@ -100,7 +107,7 @@ class AdaptiveGuidance(Guidance):
         base: Guidance | str | dict[str, Any] = "cfg",
         threshold: float = 0.991,
         space: str = "x0",
-        reduce: str = "all",
+        reduce: str = "per-sample",
         guidance_scale: float | None = None,
         record_only: bool = False,
     ) -> None:
@@ -120,6 +127,12 @@ class AdaptiveGuidance(Guidance):
         self._switch_after: torch.Tensor | None = None  # per sample: last guided step (_NEVER: not switched)
         self.gamma_history: list[torch.Tensor] = []
         self.gamma_steps: list[int] = []
+
+    @classmethod
+    def couples_batch(cls, config: Mapping[str, Any]) -> bool:
+        """``reduce="all"`` (stated or by default) decides for the whole batch at once."""
+        default = inspect.signature(cls.__init__).parameters["reduce"].default
+        return config.get("reduce", default) == "all"
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _switched(self, step: Step) -> torch.Tensor:

@@ -12,7 +12,8 @@ never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell 
 calibration images with other seeds, :func:`fit_coefficients`; at scale 1 CFG has no unconditional branch to
 estimate, so such a cell runs CFG at 1), ``model_id`` and ``scheduler``. A cell's folder name
 hashes everything its images depend on (model files, scheduler, steps, seed, dtype, prompts, guidance config, supplied
-arguments, shard size), so a changed setting never reuses stale shards.
+arguments, shard size, device type, and the batch size for configs whose rule couples a batch's samples,
+:func:`batch_coupled`), so a changed setting never reuses stale shards.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ SCALE_PLACEHOLDER = "$scale"
 
 class UsageError(ValueError):
     """Bad input to the evaluation tool: reported as one line, exit status 2."""
+
+
+class GenerationError(RuntimeError):
+    """A cell's generation produced what must never be scored (non-finite images, a refused run): one line, exit 2."""
 
 
 # ----------------------------------------------------------------------------------------------------- methods
@@ -152,6 +157,18 @@ def build_guidance(config: Any, inputs: dict[str, Any] | None = None) -> Guidanc
     return from_config(_fill(config, inputs or {})[0])
 
 
+def batch_coupled(config: Any) -> bool:
+    """Whether a cell's images may depend on which images share a batch: some module of the config (list, nested
+    dict) is configured so (:meth:`guidance.Guidance.couples_batch`, e.g. AG with ``reduce="all"``)."""
+    if isinstance(config, list):
+        return any(batch_coupled(item) for item in config)
+    if not isinstance(config, dict):
+        return False
+    name = config.get("name")
+    own = isinstance(name, str) and name in available_guidance() and guidance_class(name).couples_batch(config)
+    return own or any(batch_coupled(value) for value in config.values())
+
+
 def cell_key(label: str, scale: float, material: dict[str, Any]) -> str:
     """Folder name of a cell: readable label and scale plus a hash of everything its images depend on."""
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -164,9 +181,13 @@ def slug(text: str) -> str:
 
 
 def plan_cells(
-    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], supplied: dict[str, str]
+    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], supplied: dict[str, str],
+    batch_size: int,
 ) -> list[Cell]:
     """The cells of ``methods x scales``.
+
+    The batch size enters the hash of a cell only when its config couples the samples of a batch
+    (:func:`batch_coupled`): every other cell's images depend on their index and seed only.
 
     ``supplied`` describes the value the tool will supply for each :data:`SUPPLIED` argument (e.g. the classifier's
     id); it enters the hash of the cells that use it. Every config is built here once (with stand-ins for supplied
@@ -188,6 +209,8 @@ def plan_cells(
                 except (TypeError, ValueError) as error:
                     raise UsageError(f"method {label!r} at scale {scale:g}: {error}") from None
             cell_material = {**material, "guidance": config, "supplied": {n: supplied.get(n) for n in sorted(needs)}}
+            if batch_coupled(config):
+                cell_material["batch_size"] = batch_size
             cells.append(Cell(label, scale, config, cell_key(label, scale, cell_material), needs))
     names = [(cell.method, cell.scale) for cell in cells]
     if len(set(names)) != len(names):
@@ -290,6 +313,7 @@ def fingerprint(model: str, pipe: Any, task: Task, dtype: str, shard_size: int) 
         "steps": task.steps,
         "seed": task.seed,
         "dtype": dtype,
+        "device": torch.device(pipe.device).type,
         "prompts": task.prompts,
         "shard_size": shard_size,
     }
@@ -312,7 +336,9 @@ def generate(
     pipe: Any, task: Task, guidance: Guidance, indices: Sequence[int], batch_size: int
 ) -> dict[str, np.ndarray]:
     """Samples ``indices``: ``images`` (uint8), ``labels``, ``nfe``, ``saturation``, ``clipped`` and ``overshoot``
-    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image."""
+    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image.
+
+    :class:`GenerationError` if an image has a non-finite pixel (it would be scored as a black or white image)."""
     names = ("images", "labels", "nfe", "saturation", "clipped", "overshoot")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(indices), batch_size):
@@ -321,6 +347,10 @@ def generate(
         output = pipe(**task.conditioning(chunk), guidance=guidance, num_inference_steps=task.steps,
                       generator=generators, output_type="latent")
         pixels = decode_unclamped(pipe, output.images).cpu()
+        bad = [i for i, image in zip(chunk, pixels) if not torch.isfinite(image).all()]
+        if bad:
+            raise GenerationError(f"{len(bad)} of {len(chunk)} images of a batch have non-finite pixel values "
+                                  f"(indices {bad[:5]}{' ...' if len(bad) > 5 else ''}); nothing is scored")
         parts["images"].append(to_uint8(pixels))
         parts["labels"].append(torch.tensor(task.labels(chunk)))
         parts["nfe"].append(torch.tensor(output.nfe_per_sample, dtype=torch.float64))
