@@ -35,7 +35,7 @@ from guidance._validate import check_number
 from guidance.base import Branch, Guidance, Predictions, Step
 from guidance.cfg import classifier_free_guidance
 from guidance.registry import register
-from guidance.scorers import SCORERS, Scorer
+from guidance.scorers import Scorer, scorer_from_spec
 
 #: candidates when only ``guidance_scale`` is given: this many scales evenly spaced in [1, guidance_scale]
 DEFAULT_NUM_CANDIDATES = 5
@@ -77,10 +77,10 @@ class DynamicCFG(Guidance):
     Args:
         scales: the candidate scales ``w_1 < ... < w_K`` (non-empty, strictly increasing, >= 0). ``None``:
             :data:`DEFAULT_NUM_CANDIDATES` scales evenly spaced in ``[1, guidance_scale]``.
-        scorer: a callable ``scorer(candidates [K, B, ...] x0, step) -> scores [K, B]`` (higher is better, finite), or
-            a name in :data:`guidance.scorers.SCORERS` (``"classifier"``: the log-probability of the target class
-            under ``classifier``). A callable is kept as is in :meth:`config` (a dict round trip works; JSON needs a
-            name).
+        scorer: a callable ``scorer(candidates [K, B, ...] x0, step) -> scores [K, B]`` (higher is better, finite), a
+            name in :data:`guidance.scorers.SCORERS` (``"classifier"``: the log-probability of the target class under
+            ``classifier``), or a dict with options (``{"name": "classifier", "cap": 0.9}``). A callable is kept as is
+            in :meth:`config` (a dict round trip works; JSON needs a name or a dict).
         classifier: the classifier of ``scorer="classifier"`` (a ``torch.nn.Module``, images in [-1, 1] -> logits over
             the label set); not part of :meth:`config` (supply it again, as for GFCG).
         guidance_scale: the strongest candidate. With ``scales`` it must equal ``max(scales)``; without, it spans
@@ -96,7 +96,7 @@ class DynamicCFG(Guidance):
     def __init__(
         self,
         scales: Sequence[float] | None = None,
-        scorer: str | Scorer = "classifier",
+        scorer: str | dict[str, Any] | Scorer = "classifier",
         classifier: nn.Module | None = None,
         guidance_scale: float | None = None,
     ) -> None:
@@ -109,17 +109,8 @@ class DynamicCFG(Guidance):
         self.guidance_scale = self.scales[-1]
         self.classifier = classifier
         self.scorer = scorer
-        self._score = self._resolve_scorer(scorer, classifier)
+        self._score = scorer_from_spec(scorer, classifier)
         self.reset()
-
-    @staticmethod
-    def _resolve_scorer(scorer: object, classifier: nn.Module | None) -> Scorer:
-        if isinstance(scorer, str) and scorer in SCORERS:
-            return SCORERS[scorer](classifier)
-        if callable(scorer) and not isinstance(scorer, str):
-            return scorer
-        raise ValueError(f"scorer must be a callable (candidates [K, B, ...], step) -> scores [K, B] or one of "
-                         f"{', '.join(map(repr, SCORERS))}; got {scorer!r}")
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments except ``classifier`` (a module; supply it again to rebuild)."""

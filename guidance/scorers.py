@@ -15,7 +15,9 @@ Scorers run under ``torch.no_grad`` and never change the sampling otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,16 +49,23 @@ def decode_candidates(candidates: torch.Tensor, step: Step) -> torch.Tensor:
 class ClassifierScorer:
     """``log softmax(classifier(decode(x0)))[c]`` for each sample's target label ``c`` (``Step.target_labels``).
 
+    With ``cap`` the score is ``min(log p(c | x0), log cap)``: every candidate the classifier already assigns to the
+    target with probability >= ``cap`` ties, and DynamicCFG's first-maximum rule takes the *smallest* such scale
+    ("just enough guidance"). Without a cap the log-probability usually grows with the scale, so the greedy choice is
+    mostly the largest candidate.
+
     Args:
         classifier: a ``torch.nn.Module`` mapping images in [-1, 1] to logits ``[N, L]`` over the pipeline's label
             set (class ids), in eval mode (run under ``torch.no_grad``). Use a classifier other than the one that
             judges the results, or the evaluation leaks (the embedded model ships two).
+        cap: ``None`` or a target probability in (0, 1].
     """
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: nn.Module, cap: float | None = None) -> None:
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
         self.classifier = classifier
+        self.cap = None if cap is None else check_number("cap", cap, low=0.0, high=1.0, low_open=True)
 
     @torch.no_grad()
     def __call__(self, candidates: torch.Tensor, step: Step) -> torch.Tensor:
@@ -69,7 +78,8 @@ class ClassifierScorer:
             raise ValueError(f"target labels must be in [0, {logits.shape[1] - 1}] (the classifier's range), got "
                              f"{target.tolist()}")
         log_probs = torch.log_softmax(logits, dim=1).reshape(num, batch, -1)
-        return log_probs.gather(2, target[None, :, None].expand(num, batch, 1))[..., 0]
+        scores = log_probs.gather(2, target[None, :, None].expand(num, batch, 1))[..., 0]
+        return scores if self.cap is None else scores.clamp(max=math.log(self.cap))
 
 
 class WeightedScorer:
@@ -167,14 +177,31 @@ def _unit(features: torch.Tensor) -> torch.Tensor:
     return features / features.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny)
 
 
-def _classifier_scorer(classifier: nn.Module | None) -> Scorer:
+def _classifier_scorer(classifier: nn.Module | None, **options: Any) -> Scorer:
     if classifier is None:
         raise ValueError(
             "scorer='classifier' needs classifier=: a torch.nn.Module mapping images in [-1, 1] to logits over the "
             "label set (e.g. samples.digits_nets.load_classifier())"
         )
-    return ClassifierScorer(classifier)
+    return ClassifierScorer(classifier, **options)
 
 
-#: named scorers (for configs and the command line): ``name -> factory(classifier) -> scorer``
-SCORERS: dict[str, Callable[[nn.Module | None], Scorer]] = {"classifier": _classifier_scorer}
+#: named scorers (for configs and the command line): ``name -> factory(classifier, **options) -> scorer``; a config
+#: names one as ``"classifier"`` or ``{"name": "classifier", "cap": 0.9}``
+SCORERS: dict[str, Callable[..., Scorer]] = {"classifier": _classifier_scorer}
+
+
+def scorer_from_spec(spec: object, classifier: nn.Module | None) -> Scorer:
+    """A scorer from a callable, a name in :data:`SCORERS`, or ``{"name": ..., **options}``."""
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"] in SCORERS:
+        options = {key: value for key, value in spec.items() if key != "name"}
+        try:
+            return SCORERS[spec["name"]](classifier, **options)
+        except TypeError as error:
+            raise ValueError(f"scorer {spec!r}: {error}") from None
+    if isinstance(spec, str) and spec in SCORERS:
+        return SCORERS[spec](classifier)
+    if callable(spec) and not isinstance(spec, str):
+        return spec
+    raise ValueError(f"scorer must be a callable (candidates [K, B, ...], step) -> scores [K, B], one of "
+                     f"{', '.join(map(repr, SCORERS))} or a dict {{'name': ..., **options}}; got {spec!r}")
