@@ -74,7 +74,7 @@ def test_a_scorer_preferring_one_candidate_equals_cfg_at_its_scale_bit_for_bit(m
 def test_nfe_equals_cfg_whatever_is_chosen(mixture, scheduler, classifier):
     cfg_model, dyn_model = CountingModel(mixture.model_fn), CountingModel(mixture.model_fn)
     cfg = sample(mixture, scheduler, CFG(3.0), LABELS, steps=STEPS, model_fn=cfg_model)
-    rule = DynamicCFG(SCALES, classifier=classifier)
+    rule = DynamicCFG(SCALES, {"name": "classifier", "cap": 0.95}, classifier)
     dynamic = sample(mixture, scheduler, rule, LABELS, steps=STEPS, model_fn=dyn_model)
     assert dynamic.nfe_per_sample == cfg.nfe_per_sample == [2 * STEPS] * len(LABELS)
     assert dyn_model.rows == cfg_model.rows and len(dyn_model.calls) == len(cfg_model.calls) == STEPS
@@ -156,6 +156,10 @@ def test_classifier_scorer_is_the_log_probability_of_the_target_class(mixture, c
         logits = mixture.bayes_logits(candidates[k])
         expected = logits[torch.arange(4), target] - torch.logsumexp(logits, dim=1)
         torch.testing.assert_close(scores[k], expected, rtol=1e-12, atol=1e-12)
+        capped = ClassifierScorer(classifier, cap=0.5)(candidates, make_step(candidates[0], target=target))
+        torch.testing.assert_close(capped[k], expected.clamp(max=math.log(0.5)), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"cap must be in \(0.0, 1.0\]"):
+        ClassifierScorer(classifier, cap=0.0)
 
 
 def test_classifier_scorer_chooses_the_candidate_with_the_highest_target_probability(mixture, scheduler, classifier):
