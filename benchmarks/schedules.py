@@ -121,8 +121,12 @@ def plot_chosen_scales(chosen: dict[str, torch.Tensor], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(chosen), figsize=(5.2 * len(chosen), 3.8), squeeze=False)
-    for ax, (label, table) in zip(axes[0], chosen.items()):
+    columns = min(2, len(chosen))
+    rows = -(-len(chosen) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(chosen):]:
+        ax.set_visible(False)
+    for ax, (label, table) in zip(axes.flat, chosen.items()):
         scales = sorted({float(v) for v in table[torch.isfinite(table)].tolist()})
         steps = torch.arange(table.shape[0])
         bottom = torch.zeros(table.shape[0], dtype=torch.float64)
@@ -135,7 +139,8 @@ def plot_chosen_scales(chosen: dict[str, torch.Tensor], path: Path) -> None:
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("step (0 = highest noise)")
         ax.set_ylabel("fraction of samples")
-        ax.legend(fontsize=6, ncol=2, loc="lower left")
+        ax.set_xlim(-0.6, table.shape[0] - 0.4)
+        ax.legend(fontsize=6, ncol=1, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
