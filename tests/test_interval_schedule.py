@@ -332,3 +332,22 @@ def test_schedule_by_name_and_config_round_trip(mixture, scheduler):
     a = sample(mixture, scheduler, callable_rule, LABELS, steps=4)
     b = sample(mixture, scheduler, rebuilt, LABELS, steps=4)
     assert torch.equal(a.latents, b.latents)
+
+
+def test_interval_inside_an_attached_text_to_image_pipeline(tmp_path):
+    """Through attach (an unmodified diffusers __call__): the full interval is CFG bit for bit, an empty one evaluates
+    the conditional rows only."""
+    from pipelines.stable_diffusion import GuidedStableDiffusionPipeline
+    from tests.tiny import tiny_sd_components
+
+    pipe = GuidedStableDiffusionPipeline(**tiny_sd_components(tmp_path / "sd"))
+    pipe.set_progress_bar_config(disable=True)
+    steps = 3
+
+    def run(rule):
+        return pipe(["a cat", "a car"], num_inference_steps=steps, guidance=rule,
+                    generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    cfg, full, empty = run(CFG(W)), run(GuidanceInterval(CFG(W), (0.0, math.inf))), run(GuidanceInterval(CFG(W), (0, 0)))
+    assert torch.equal(full.images, cfg.images) and full.nfe == cfg.nfe == 2 * steps
+    assert empty.nfe == steps
