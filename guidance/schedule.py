@@ -101,7 +101,7 @@ class ScaleSchedule(Guidance):
         base: a rule with a per-call scale (CFG, APG, TAG-cfg, GFCG, or a wrapper of one such as
             ``AdaptiveGuidance``): a module, a registered name or a config dict (default ``"cfg"``). Its
             ``guidance_scale`` is the ``w`` of the named schedules.
-        schedule: ``"constant"``, ``"linear"``, ``"cosine"``, ``"interval"``, or a callable
+        schedule: ``"constant"``, ``"linear"`` (default), ``"cosine"``, ``"interval"``, or a callable
             ``(step_index, num_steps, sigma) -> scale``. A callable is kept as is in :meth:`config` (a dict round
             trip works; JSON needs a name).
         sigma_range: ``(low, high)`` noise levels of the ``"interval"`` schedule (required by it, refused otherwise).

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from guidance import CFG, APG, AdaptiveGuidance, DynamicCFG, GuidanceInterval, ScaleSchedule, from_config
+from guidance import APG, AdaptiveGuidance, DynamicCFG, GuidanceInterval, ScaleSchedule, from_config
 from guidance.scorers import ClassifierScorer
 from guidance.spec import parse_term, parse_value, term_config
 from samples.evaluate import main as evaluate_main
