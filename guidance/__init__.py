@@ -14,14 +14,20 @@ from guidance.linear_ag import LinearAG  # noqa: E402
 from guidance.tag import TAG, TAGCFG  # noqa: E402
 from guidance.nlg import NLG  # noqa: E402
 from guidance.gfcg import GFCG  # noqa: E402
+from guidance.interval import GuidanceInterval  # noqa: E402
+from guidance.schedule import ScaleSchedule  # noqa: E402
+from guidance.dynamic import DynamicCFG  # noqa: E402
 
 __all__ = [
     "APG",
     "AdaptiveGuidance",
     "CFG",
+    "DynamicCFG",
     "GFCG",
+    "GuidanceInterval",
     "LinearAG",
     "NLG",
+    "ScaleSchedule",
     "TAG",
     "TAGCFG",
     "Branch",

@@ -32,8 +32,9 @@ import torch
 
 from guidance._validate import check_bool, check_choice, check_number
 from guidance.base import Branch, Guidance, Predictions, Step
-from guidance.registry import register, resolve_guidance
+from guidance.registry import register
 from guidance.spaces import MIN_COEFFICIENT, batch_dims, compute_dtype
+from guidance.wrap import resolve_base
 
 SPACES = ("x0", "output")
 REDUCTIONS = ("all", "per-sample")
@@ -54,22 +55,10 @@ def cosine_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_base(base: Any, guidance_scale: float | None) -> Guidance:
-    """The wrapped rule from a module, a registered name or a config dict (a name is built with ``guidance_scale``)."""
-    if isinstance(base, str) and not base.lstrip().startswith(("{", "[")) and guidance_scale is not None:
-        rule = resolve_guidance({"name": base, "guidance_scale": guidance_scale})
-    else:
-        rule = resolve_guidance(base)
-    scale = getattr(rule, "guidance_scale", None)
-    if guidance_scale is not None and scale != guidance_scale:
-        raise ValueError(f"guidance_scale={guidance_scale} contradicts the base rule's guidance_scale={scale}")
+    """The wrapped rule (:func:`guidance.wrap.resolve_base`); it must use the unconditional branch."""
+    rule = resolve_base(base, guidance_scale, "AdaptiveGuidance")
     if "uncond" not in rule.required_branches:
         raise ValueError(f"base must be a rule that uses the unconditional branch (CFG, APG, ...), got {rule!r}")
-    for hook in ("prepare_noise", "after_step"):
-        if rule.uses(hook):
-            raise ValueError(
-                f"base {rule!r} defines {hook}; AdaptiveGuidance wraps a combine rule only. "
-                f"List the other module next to it instead: [AdaptiveGuidance(...), <module with {hook}>]"
-            )
     return rule
 
 

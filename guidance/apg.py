@@ -99,6 +99,8 @@ class APG(Guidance):
             second-order samplers].
     """
 
+    scale_low = 1.0
+
     required_branches = frozenset({"cond", "uncond"})
 
     def __init__(

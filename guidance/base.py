@@ -116,6 +116,9 @@ class Guidance:
     name: ClassVar[str] = ""
     #: branches this rule may request, so a pipeline can refuse it up front when it cannot provide one
     required_branches: ClassVar[frozenset[str]] = frozenset({"cond"})
+    #: the smallest ``guidance_scale`` the rule accepts, for rules whose hooks read ``self.guidance_scale`` at call
+    #: time, so that :class:`~guidance.schedule.ScaleSchedule` may set it per step; ``None``: no such scale
+    scale_low: ClassVar[float | None] = None
 
     def reset(self) -> None:
         """Forget all per-generation state (called at the start of every generation)."""

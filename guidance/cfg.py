@@ -48,6 +48,8 @@ class CFG(Guidance):
         guidance_rescale: phi in [0, 1] of Lin et al.; 0 turns it off.
     """
 
+    scale_low = 0.0
+
     required_branches = frozenset({"cond", "uncond"})
 
     def __init__(self, guidance_scale: float = 7.5, guidance_rescale: float = 0.0) -> None:

@@ -177,6 +177,8 @@ class TAGCFG(Guidance):
             configurable].
     """
 
+    scale_low = 0.0
+
     required_branches = frozenset({"cond", "uncond"})
 
     def __init__(

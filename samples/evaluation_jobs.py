@@ -4,8 +4,10 @@ Image ``i`` of every cell uses ``torch.Generator("cpu").manual_seed(seed + i)`` 
 pipeline call, so the batch it lands in does not matter) and class ``i % num_classes`` (text-to-image: prompt
 ``i % len(prompts)``). All cells share these seeds, so methods are compared on the same initial noise.
 
-A ``--methods`` entry is a registered name (built with ``guidance_scale=<scale>``), names joined by ``+`` (composed in
-order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
+A ``--methods`` entry is a registered name (built with ``guidance_scale=<scale>``), optionally with arguments and
+wrappers in the :mod:`guidance.spec` syntax (``cfg@interval=0.28,2``, ``cfg@schedule=cosine``: the scale goes to the
+innermost rule), names joined by ``+`` (composed in order; every module that takes ``guidance_scale`` gets the
+scale), or ``LABEL=JSON``: a guidance config
 (:func:`guidance.from_config`) in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
 leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: GFCG's ``classifier`` (the guidance classifier,
 never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
@@ -34,6 +36,7 @@ import torch
 
 from guidance import Guidance, available_guidance, from_config
 from guidance.registry import guidance_class
+from guidance.spec import parse_term, term_config
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES
 from samples.features import DIGITS_SHAPE, to_uint8
@@ -106,19 +109,19 @@ def _substitute(config: Any, scale: float) -> Any:
 def method_config(spec: str, scale: float) -> tuple[str, Any]:
     """``(label, config)`` of a ``--methods`` entry at ``scale`` (see the module docstring)."""
     label, sep, text = spec.partition("=")
-    if sep:
+    if sep and text.lstrip().startswith(("{", "[")):
         try:
             return label, _substitute(json.loads(text), scale)
         except json.JSONDecodeError as error:
             raise UsageError(f"method {label!r}: invalid JSON config ({error})") from None
-    parts = []
-    for name in spec.split("+"):
+    parts, bases = [], []
+    for term in spec.split("+"):
         try:
-            cls = guidance_class(name)
+            parts.append(term_config(term, scale))
+            bases.append(guidance_class(parse_term(term)[0][0]))
         except ValueError as error:
             raise UsageError(str(error)) from None
-        parts.append({"name": name, "guidance_scale": scale} if _takes(cls, "guidance_scale") else {"name": name})
-    if not any(_has_scale(guidance_class(part["name"])) for part in parts):
+    if not any(_has_scale(cls) for cls in bases):
         raise UsageError(f"method {spec!r} has no guidance scale; compose it with a rule that has one, e.g. cfg+{spec}")
     return spec, parts[0] if len(parts) == 1 else parts
 
@@ -135,7 +138,7 @@ def _fill(config: Any, inputs: dict[str, Any]) -> tuple[Any, set[str]]:
     out = {key: value for key, (value, _) in filled.items()}
     needs = set().union(*(names for _, names in filled.values()))
     name = out.get("name")
-    if isinstance(name, str):
+    if isinstance(name, str) and name in available_guidance():  # not e.g. a scorer's {"name": "classifier", ...}
         for param in SUPPLIED:
             if param not in out and _takes(guidance_class(name), param):
                 needs.add(param)

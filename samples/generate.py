@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from guidance import Guidance, available_guidance, resolve_guidance
 from guidance.registry import guidance_class
+from guidance.spec import nest, parse_term
 from pipelines import GuidedClassConditionalPipeline
 from samples.grid import labelled_grid
 from samples.loading import DTYPES, SCHEDULERS, load_pipeline, pipeline_class, read_class_name, set_scheduler
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Sample every guidance method with the same seeds; write a labelled grid and a summary.",
-        epilog=f"guidance methods: {', '.join(available_guidance())} (join with '+' to compose, e.g. nlg+apg+tag)",
+        epilog=f"guidance methods: {', '.join(available_guidance())} (join with '+' to compose, e.g. nlg+apg+tag; "
+        "add arguments and wrappers with @KEY=VALUE, e.g. cfg@interval=0.28,2 or cfg@schedule=cosine)",
     )
     parser.add_argument("--model", help="local pipeline folder or hub id (default: the embedded 8x8 digits model)")
     parser.add_argument("--prompt", nargs="+", help="prompt(s) for a text-to-image model, one column block each")
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-label", nargs="+", type=_class_label, help="class ids or names (default: every class)"
     )
     parser.add_argument(
-        "--guidance", nargs="+", help="guidance method name(s), or a+b to compose (default: every registered method)"
+        "--guidance", nargs="+", help="guidance method name(s), or a+b to compose, with @KEY=VALUE arguments and "
+        "wrappers, e.g. cfg@interval=0.28,2 (default: every registered method)"
     )
     parser.add_argument(
         "--scale", type=float,
@@ -164,18 +167,21 @@ def resolve_device(name: str | None) -> str:
 
 
 def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tuple[Guidance, list[str]]:
-    """The guidance module for ``spec`` (a registered name, or names joined by ``+``), and the notes of its inputs.
+    """The guidance module for ``spec`` (terms of the :mod:`guidance.spec` syntax, e.g. ``cfg@interval=0.28,2``,
+    joined by ``+``), and the notes of its inputs.
 
-    ``scale`` is passed as ``guidance_scale`` to every module that takes one. Constructor arguments that ``inputs``
-    provides are filled from it (GFCG's ``classifier``, LinearAG's ``coefficients``...); a required one that it does
-    not provide is a ``ValueError`` naming it.
+    ``scale`` is passed as ``guidance_scale`` to every innermost module that takes one. Constructor arguments that
+    ``inputs`` provides are filled from it (GFCG's ``classifier``, LinearAG's ``coefficients``...); a required one that
+    it does not provide is a ``ValueError`` naming it.
     """
     modules, notes = [], []
-    for name in spec.split("+"):
+    for term in spec.split("+"):
+        layers = parse_term(term)
+        name, kwargs = layers[0]
         cls = guidance_class(name)
-        kwargs: dict[str, Any] = {}
+        kwargs = dict(kwargs)
         for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name in kwargs:
                 continue
             if param.name == "guidance_scale" and scale is not None:
                 kwargs["guidance_scale"] = scale
@@ -184,7 +190,7 @@ def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tupl
                 notes.extend([inputs.notes[param.name]] if param.name in inputs.notes else [])
             elif param.default is param.empty:
                 raise ValueError(f"{name} needs {param.name}= (not available for this model; build it in Python)")
-        modules.append(cls(**kwargs))
+        modules.append(resolve_guidance(nest(layers, cls(**kwargs))))
     return resolve_guidance(modules), notes
 
 
@@ -307,12 +313,10 @@ class Session:
 
 
 def check_guidance_names(specs: Sequence[str]) -> None:
-    """``ValueError`` listing the registered names if a spec names another."""
-    known = available_guidance()
+    """``ValueError`` listing the registered names if a spec names another (or breaks the ``@KEY=VALUE`` syntax)."""
     for spec in specs:
-        for name in spec.split("+"):
-            if name not in known:
-                raise ValueError(f"unknown guidance {name!r}; available: {', '.join(known)}")
+        for term in spec.split("+"):
+            parse_term(term)
 
 
 def open_session(args: argparse.Namespace) -> Session:

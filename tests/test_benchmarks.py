@@ -51,6 +51,21 @@ def test_smoke_run_writes_one_row_per_configuration(tmp_path):
     assert (tmp_path / "gfcg.png").stat().st_size > 0
 
 
+def test_schedules_smoke_run_writes_the_table_the_claim_and_the_plot(tmp_path):
+    from benchmarks.schedules import main as schedules_main
+
+    schedules_main(["--smoke", "--out", str(tmp_path), "--threads", "1"])
+    with open(tmp_path / "schedules.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    nfe = {(row["method"], row["scale"]): float(row["nfe"]) for row in rows}
+    assert nfe[("CFG", "w=3")] == 8 and nfe[("conditional", "w=1")] == 4  # 4 DDIM steps
+    interval = next(row for row in rows if row["method"] == "interval")
+    assert float(interval["nfe"]) < 8
+    table = (tmp_path / "schedules.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "Claim (interval vs CFG)" in table
+    assert (tmp_path / "schedules_chosen_scales.png").stat().st_size > 0
+
+
 def test_attach_overhead_smoke_run_times_every_candidate(tmp_path):
     from benchmarks.attach_overhead import main as attach_overhead
 
