@@ -254,10 +254,10 @@ class _Call:
     def install(self) -> None:
         self.denoiser = denoiser_of(self.pipe)
         self.denoiser_class = type(self.denoiser)
-        forward = self.denoiser_class.forward
-        self.signature = inspect.signature(forward)
+        network = getattr(self.denoiser, "_orig_mod", self.denoiser)  # a torch.compile wrapper's module
+        self.signature = inspect.signature(type(network).forward)
         self.sample_name = list(self.signature.parameters)[1]
-        self.denoiser._guidance_call = self.intercept
+        self.denoiser.__dict__["_guidance_call"] = self.intercept  # not through a compile wrapper's __setattr__
         self.denoiser.__class__ = _intercepted_class(self.denoiser_class)
         self.scheduler = self.pipe.scheduler
         self.previous_step = self.scheduler.__dict__.get("step")  # a wrap of the user's own, kept under ours
@@ -272,7 +272,7 @@ class _Call:
 
     def uninstall(self) -> None:
         self.denoiser.__class__ = self.denoiser_class
-        del self.denoiser._guidance_call
+        del self.denoiser.__dict__["_guidance_call"]
         if self.previous_step is None:
             del self.scheduler.step
         else:
@@ -302,7 +302,7 @@ class _Call:
 
     # -- the denoiser --------------------------------------------------------------------------------------------
     def intercept(self, module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        bound = self.signature.bind(module, *args, **kwargs)
+        bound = self.signature.bind(None, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(self.signature.parameters)))  # self
         for name, param in self.signature.parameters.items():
