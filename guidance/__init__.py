@@ -11,7 +11,8 @@ from guidance.cfg import CFG  # noqa: E402  (registration order: CFG first, it i
 from guidance.apg import APG  # noqa: E402
 from guidance.adaptive import AdaptiveGuidance  # noqa: E402
 from guidance.linear_ag import LinearAG  # noqa: E402
-from guidance.tag import TAG, TAGCFG  # noqa: E402
+from guidance.tag import TAG  # noqa: E402
+from guidance.tag_cfg import TAGCFG  # noqa: E402
 from guidance.nlg import NLG  # noqa: E402
 from guidance.gfcg import GFCG  # noqa: E402
 from guidance.interval import GuidanceInterval  # noqa: E402

@@ -32,26 +32,11 @@ import torch
 from guidance._validate import check_choice, check_number
 from guidance.base import Branch, Guidance, Predictions, Step
 from guidance.registry import register
-from guidance.spaces import compute_dtype, per_sample_dot, reduction_dtype, size_scaled
+from guidance.spaces import clip_factor, compute_dtype, per_sample_dot, reduction_dtype, size_scaled
 
 #: SDXL's r = 15 (paper, Table 10) at 4x128x128 latent elements; the default scales it by sqrt(N / 65536)
 SDXL_NORM_THRESHOLD = 15.0
 SDXL_LATENT_ELEMENTS = 4 * 128 * 128
-
-
-def clip_factor(update: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per-sample ``min(1, r / ||M||)`` in float64 (float32 on MPS), shaped ``[B, 1, ..., 1]``; 1 for ``r = 0``
-    and for a zero update (no NaN)."""
-    dtype = reduction_dtype(update)
-    if threshold <= 0:
-        return torch.ones((update.shape[0],) + (1,) * (update.ndim - 1), dtype=dtype, device=update.device)
-    update = update.to(compute_dtype(update.dtype))
-    return torch.clamp(threshold * per_sample_dot(update, update, dtype=dtype).rsqrt(), max=1.0)  # 1/0 = inf -> 1
-
-
-def clip_norm(update: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``update * min(1, threshold / ||update||)`` per sample; a zero update stays zero."""
-    return update * clip_factor(update, threshold).to(update.dtype)
 
 
 def parallel_coefficient(update: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,9 @@ import math
 import torch
 
 from guidance._validate import check_bool, check_choice, check_int, check_number
-from guidance.apg import clip_norm
 from guidance.base import Branch, Guidance, NoiseContext, Step
 from guidance.registry import register
-from guidance.spaces import PREDICTION_TYPES, compute_dtype, per_sample_norm, size_scaled
+from guidance.spaces import PREDICTION_TYPES, clip_norm, compute_dtype, per_sample_norm, size_scaled
 
 #: the official noise *variance* lambda = 0.001 (``--noise_level``), as a standard deviation
 DEFAULT_NOISE_STD = math.sqrt(1e-3)
