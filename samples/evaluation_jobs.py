@@ -368,10 +368,10 @@ def fit_coefficients(pipe: Any, task: Task, scale: float, model_id: str, path: P
 
     Calibration: CFG at ``scale`` on :data:`CALIBRATION_IMAGES` images with seeds ``seed + CALIBRATION_SEED_OFFSET + i``
     (never a sampled seed), estimating the unconditional output on every other step of the first half
-    (:func:`guidance.linear_ag.alternate_steps`). The calibration cost is not part of the cell's NFE or images/s.
+    (:func:`guidance.linear_ag_fit.alternate_steps`). The calibration cost is not part of the cell's NFE or images/s.
     """
     from guidance.cfg import CFG
-    from guidance.linear_ag import alternate_steps, fit_linear_ag
+    from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 
     def run_for(chunk: list[int]) -> Any:
         def run(guidance: Guidance) -> None:

@@ -63,7 +63,7 @@ def fit_linear_ag_coefficients(
 
     ``run(guidance, seeds)`` performs one pipeline call with ``guidance`` and one generator per seed.
     """
-    from guidance.linear_ag import alternate_steps, fit_linear_ag
+    from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 
     calibration = [seed + CALIBRATION_SEED_OFFSET for seed in seeds]
     print(f"fitting LinearAG coefficients on {len(seeds)} calibration images (other seeds)")

@@ -23,7 +23,7 @@ from guidance.ag_calibration import (
 )
 from guidance.adaptive import cosine_per_sample
 from guidance.base import Step
-from guidance.linear_ag import LinearAGCoefficients, fit_affine, fit_linear_ag, relative_residual
+from guidance.linear_ag_fit import LinearAGCoefficients, fit_affine, fit_linear_ag, relative_residual
 from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
 from pipelines.common import pipeline_guidance
 from pipelines.conditioning import BranchConditioning

@@ -9,7 +9,7 @@ import torch
 
 from guidance import AdaptiveGuidance, Guidance, LinearAG, available_guidance, get_guidance
 from guidance.cfg import CFG
-from guidance.linear_ag import alternate_steps, fit_linear_ag
+from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_nets import WEIGHTS_DIR, load_classifier
 
