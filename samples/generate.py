@@ -363,7 +363,7 @@ def sample_methods(
 ) -> list[MethodResult]:
     """Sample every method with the job's seeds; a method that fails while sampling gives a failed row."""
     results = []
-    with cli.progress(len(methods), "methods", "methods", quiet) as bar:
+    with cli.progress(len(methods), "sampling", "methods", quiet) as bar:
         for label, guidance, notes in methods:
             bar.set_postfix_str(label)
             result = MethodResult(label, note="; ".join(notes), config=_config(guidance))

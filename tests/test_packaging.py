@@ -84,7 +84,7 @@ def test_both_clis_start_without_any_warning_and_log_plain_progress(tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", result.stderr
         assert "\r" not in result.stdout  # no progress bars in a log
-    assert "methods: 1/1 methods (cfg)" in gen.stdout  # plain progress lines instead
+    assert "sampling: 1/1 methods (cfg)" in gen.stdout  # plain progress lines instead
 
 
 def test_quiet_prints_no_progress(tmp_path, capsys):
@@ -93,7 +93,7 @@ def test_quiet_prints_no_progress(tmp_path, capsys):
     loud = capsys.readouterr().out
     assert generate.main([*args, "--quiet"]) == 0
     quiet = capsys.readouterr().out
-    assert "methods: 1/1" in loud and "methods:" not in quiet and "model " not in quiet
+    assert "sampling: 1/1" in loud and "sampling:" not in quiet and "model " not in quiet
     assert "cfg " in quiet and "wrote " in quiet  # the results stay
 
 
