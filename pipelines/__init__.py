@@ -1,5 +1,7 @@
-"""diffusers integration: the one guided denoising loop and thin subclasses of diffusers' pipelines."""
+"""diffusers integration: ``attach(pipe, rule)`` for diffusers' own pipelines, our loop for class-conditional models,
+and thin ``Guided*Pipeline`` subclasses that take ``guidance=``."""
 
+from pipelines.attach import Attachment, attach
 from pipelines.class_conditional import GuidedClassConditionalPipeline
 from pipelines.common import GuidedPipelineOutput
 from pipelines.conditioning import BranchConditioning
@@ -10,6 +12,7 @@ from pipelines.stable_diffusion_xl import GuidedStableDiffusionXLPipeline
 from pipelines.schedulers import SchedulerAdapter, scheduler_family
 
 __all__ = [
+    "Attachment",
     "BranchConditioning",
     "GuidedClassConditionalPipeline",
     "GuidedPipelineOutput",
@@ -18,6 +21,7 @@ __all__ = [
     "GuidedStableDiffusionXLPipeline",
     "LoopResult",
     "SchedulerAdapter",
+    "attach",
     "denoise",
     "scheduler_family",
 ]

@@ -8,15 +8,91 @@ use the class ids themselves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.common import GuidedPipelineOutput, check_steps, decode_float32, pipeline_guidance, run_guided_loop
+from guidance.base import Guidance
+from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance
 from pipelines.conditioning import BranchConditioning
+from pipelines.families import decode_float32
+from pipelines.loop import LoopResult, denoise
+
+
+def scheduler_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:
+    """``generator`` and ``eta`` for ``scheduler.step`` where its signature takes them (as diffusers pipelines do)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "generator" in params:
+        kwargs["generator"] = generator
+    if "eta" in params:
+        kwargs["eta"] = eta
+    return kwargs
+
+
+def callback_tensor_names(callback: Any, names: Sequence[str]) -> list[str]:
+    """The tensors a ``callback_on_step_end`` asks for (a diffusers ``PipelineCallback`` declares its own)."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        return list(callback.tensor_inputs)
+    return list(names)
+
+
+def run_guided_loop(
+    pipe: Any,
+    *,
+    model_fn: Callable[..., torch.Tensor],
+    timesteps: torch.Tensor,
+    latents: torch.Tensor,
+    guidance: Guidance,
+    conditioning: BranchConditioning,
+    num_inference_steps: int,
+    generator: Any,
+    eta: float = 0.0,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    callback_tensors: Mapping[str, torch.Tensor] | None = None,
+) -> LoopResult:
+    """:func:`pipelines.loop.denoise` on ``pipe.scheduler`` with the pipeline's progress bar and callback.
+
+    ``callback_on_step_end(pipe, i, t, tensors)`` runs after every model evaluation, as in diffusers; ``tensors``
+    holds ``latents`` and the requested entries of ``callback_tensors`` (the pipeline's embeddings). Only a returned
+    ``latents`` is used.
+    """
+    names = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+    known = ["latents", *(callback_tensors or {})]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs must be among {known}, got {unknown}")
+
+    def on_step_end(i: int, t: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        if callback_on_step_end is None:
+            return current
+        available = {"latents": current, **(callback_tensors or {})}
+        outputs = callback_on_step_end(pipe, i, t, {name: available[name] for name in names})
+        return outputs.pop("latents", current)
+
+    with pipe.progress_bar(total=num_inference_steps) as progress:
+        return denoise(
+            model_fn=model_fn,
+            scheduler=pipe.scheduler,
+            timesteps=timesteps,
+            latents=latents,
+            guidance=guidance,
+            conditioning=conditioning,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            extra_step_kwargs=scheduler_step_kwargs(pipe.scheduler, generator, eta),
+            decode=decode,
+            on_step_end=on_step_end,
+            progress=progress,
+        )
 
 
 def dit_null_label(transformer: Any) -> int | None:

@@ -1,4 +1,5 @@
-"""Pieces every guided pipeline shares: the ``guidance=`` argument, the output record, the loop call, label sets."""
+"""Pieces every guided pipeline shares: the ``guidance=`` argument, the output record, label sets, and the thin
+text-to-image call (:class:`GuidedTextToImageMixin`: the parent's own ``__call__`` with the rule attached)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from diffusers.utils import BaseOutput
 from guidance.base import Guidance
 from guidance.cfg import CFG
 from guidance.registry import guidance_class, resolve_guidance
-from pipelines.conditioning import BranchConditioning
-from pipelines.loop import LoopResult, denoise
+from pipelines.attach import Attachment, GuidancePipelineMixin
+from pipelines.families import family_of
+from pipelines.run import RunReport
 
 
 @dataclass
@@ -32,28 +34,8 @@ class GuidedPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None = None
 
     @classmethod
-    def from_loop(cls, images: Any, result: LoopResult, nsfw: list[bool] | None = None) -> GuidedPipelineOutput:
+    def from_loop(cls, images: Any, result: RunReport, nsfw: list[bool] | None = None) -> GuidedPipelineOutput:
         return cls(images, result.nfe, result.nfe_per_sample, result.model_calls, result.trace, nsfw)
-
-
-def decode_float32(vae: torch.nn.Module, vae_latents: torch.Tensor) -> torch.Tensor:
-    """``vae.decode(vae_latents)`` computed in float32 (or the VAE's wider dtype): pixels in [-1, 1], float32.
-
-    A float16 or bfloat16 VAE is cast to float32 for the call and back afterwards (exact: every half-precision value is
-    a float32 value; ``float()`` / ``half()`` / ``bfloat16()`` rather than ``to(dtype)``, which logs a warning per
-    call in diffusers); a quantized VAE decodes as it is. This is the decode of the denoised estimate that guidance
-    rules read (GFCG's classifier input): half-precision VAE decodes can overflow to inf/NaN.
-    """
-    restore = {torch.float16: vae.half, torch.bfloat16: vae.bfloat16}.get(vae.dtype)
-    if getattr(vae, "is_quantized", False):
-        restore = None
-    if restore is not None:
-        vae.float()
-    try:
-        return vae.decode(vae_latents.to(vae.dtype), return_dict=False)[0].float()
-    finally:
-        if restore is not None:
-            restore()
 
 
 def pipeline_guidance(
@@ -93,17 +75,6 @@ def check_steps(num_inference_steps: object) -> int:
     return num_inference_steps
 
 
-def scheduler_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:
-    """``generator`` and ``eta`` for ``scheduler.step`` where its signature takes them (as diffusers pipelines do)."""
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs: dict[str, Any] = {}
-    if "generator" in params:
-        kwargs["generator"] = generator
-    if "eta" in params:
-        kwargs["eta"] = eta
-    return kwargs
-
-
 def label_targets(target_labels: Sequence[int] | None, num_labels: int, batch: int, per_prompt: int) -> torch.Tensor:
     """The label id of every image, given one id per prompt (repeated for ``num_images_per_prompt``)."""
     if target_labels is None:
@@ -140,62 +111,67 @@ def label_condition(
     return encode(list(label_prompts)), targets
 
 
-def callback_tensor_names(callback: Any, names: Sequence[str]) -> list[str]:
-    """The tensors a ``callback_on_step_end`` asks for (a diffusers ``PipelineCallback`` declares its own)."""
-    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        return list(callback.tensor_inputs)
-    return list(names)
 
 
-def run_guided_loop(
-    pipe: Any,
-    *,
-    model_fn: Callable[..., torch.Tensor],
-    timesteps: torch.Tensor,
-    latents: torch.Tensor,
-    guidance: Guidance,
-    conditioning: BranchConditioning,
-    num_inference_steps: int,
-    generator: Any,
-    eta: float = 0.0,
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
-    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    callback_tensors: Mapping[str, torch.Tensor] | None = None,
-) -> LoopResult:
-    """:func:`pipelines.loop.denoise` on ``pipe.scheduler`` with the pipeline's progress bar and callback.
+def prompt_batch(arguments: Mapping[str, Any]) -> int:
+    """The number of prompts of a text-to-image call (``prompt`` or ``prompt_embeds``)."""
+    prompt = arguments.get("prompt")
+    if isinstance(prompt, str):
+        return 1
+    if prompt is not None:
+        return len(prompt)
+    embeds = arguments.get("prompt_embeds")
+    return 1 if embeds is None else int(embeds.shape[0])
 
-    ``callback_on_step_end(pipe, i, t, tensors)`` runs after every model evaluation, as in diffusers; ``tensors``
-    holds ``latents`` and the requested entries of ``callback_tensors`` (the pipeline's embeddings). Only a returned
-    ``latents`` is used.
+
+class GuidedTextToImageMixin(GuidancePipelineMixin):
+    """``guidance=`` on a diffusers text-to-image pipeline: the parent's ``__call__`` runs with the rule attached
+    for the call (:class:`pipelines.attach.Attachment`), and the output reports what the guidance cost.
+
+    A subclass names its default CFG scale and encodes label prompts (:meth:`encode_labels`).
     """
-    names = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
-    known = ["latents", *(callback_tensors or {})]
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(f"callback_on_step_end_tensor_inputs must be among {known}, got {unknown}")
 
-    def on_step_end(i: int, t: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        if callback_on_step_end is None:
-            return current
-        available = {"latents": current, **(callback_tensors or {})}
-        outputs = callback_on_step_end(pipe, i, t, {name: available[name] for name in names})
-        return outputs.pop("latents", current)
+    #: the parent's own CFG default, used by ``guidance=None`` and registered names without ``guidance_scale``
+    default_guidance_scale: float = 7.5
+    #: this class keeps its parent's denoising loop (checked by :func:`pipelines.families.family_of`)
+    _guidance_thin_call = True
 
-    with pipe.progress_bar(total=num_inference_steps) as progress:
-        return denoise(
-            model_fn=model_fn,
-            scheduler=pipe.scheduler,
-            timesteps=timesteps,
-            latents=latents,
-            guidance=guidance,
-            conditioning=conditioning,
-            num_inference_steps=num_inference_steps,
-            generator=generator,
-            extra_step_kwargs=scheduler_step_kwargs(pipe.scheduler, generator, eta),
-            decode=decode,
-            on_step_end=on_step_end,
-            progress=progress,
+    def encode_labels(self, prompts: list[str], arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The label set's keyword tensors, one row per prompt, overlaid on the ``cond`` rows of labelled branches."""
+        raise NotImplementedError
+
+    def _lora_scale(self, arguments: Mapping[str, Any]) -> float | None:
+        attention = arguments.get("cross_attention_kwargs") or arguments.get("joint_attention_kwargs") or {}
+        return attention.get("scale")
+
+    def _guided_call(
+        self,
+        parent_call: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        guidance: Any,
+        label_prompts: Sequence[str] | None,
+        target_labels: Sequence[int] | None,
+    ) -> GuidedPipelineOutput | tuple[Any, ...]:
+        arguments = dict(inspect.signature(parent_call).bind_partial(*args, **kwargs).arguments)
+        rule = pipeline_guidance(
+            guidance, arguments.pop("guidance_scale", None), arguments.pop("guidance_rescale", 0.0),
+            self.default_guidance_scale,
         )
+        return_dict = arguments.pop("return_dict", True)
+        device = self._execution_device
+        with torch.no_grad():
+            label_set, targets = label_condition(
+                label_prompts, target_labels, prompt_batch(arguments), arguments.get("num_images_per_prompt", 1),
+                lambda prompts: self.encode_labels(prompts, arguments), device,
+            )
+        attachment = Attachment(self, rule, family_of(self))
+        self.__dict__["_guidance"] = attachment
+        try:
+            output = attachment.run(parent_call, (), arguments, label_set, targets)
+        finally:
+            del self.__dict__["_guidance"]
+        nsfw = getattr(output, "nsfw_content_detected", None)
+        if not return_dict:
+            return (output.images, nsfw) if hasattr(output, "nsfw_content_detected") else (output.images,)
+        return GuidedPipelineOutput.from_loop(output.images, attachment.last_run, nsfw)

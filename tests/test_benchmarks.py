@@ -49,3 +49,16 @@ def test_smoke_run_writes_one_row_per_configuration(tmp_path):
     table = (tmp_path / "gfcg.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and "of 2 ('none'" in table
     assert (tmp_path / "gfcg.png").stat().st_size > 0
+
+
+def test_attach_overhead_smoke_run_times_every_candidate(tmp_path):
+    from benchmarks.attach_overhead import main as attach_overhead
+
+    rows = attach_overhead(["--smoke", "--workdir", str(tmp_path)])
+    assert [row["name"] for row in rows] == [
+        "plain CFG", "attached CFG", "attached APG", "attached AG", "attached CFG+TAG",
+    ]
+    nfe = {row["name"]: row["nfe"] for row in rows}
+    assert nfe["plain CFG"] == nfe["attached CFG"] == nfe["attached APG"] == nfe["attached CFG+TAG"] == 8
+    assert nfe["attached AG"] < 8  # calibrated to switch after half of the 4 steps
+    assert all(row["median"] > 0 and row["ratio"] > 0 for row in rows)

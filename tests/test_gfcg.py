@@ -446,7 +446,7 @@ class RecordingClassifier(TinyImageClassifier):
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_decode_float32_avoids_half_precision_overflow_and_restores_the_vae(half):
-    from pipelines.common import decode_float32
+    from pipelines.families import decode_float32
     from tests.tiny import tiny_vae
 
     vae = tiny_vae().eval().to(half)

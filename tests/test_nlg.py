@@ -15,7 +15,8 @@ from guidance import CFG, NLG, Guidance, from_config, get_guidance, resolve_guid
 from guidance.base import Step
 from guidance.nlg import DEFAULT_NOISE_STD, noise_level_direction, refine_step, scaled_max_norm
 from pipelines.conditioning import BranchConditioning
-from pipelines.loop import denoise, derive_generator
+from pipelines.loop import denoise
+from pipelines.run import derive_generator
 from tests.gmm import two_class_mixture
 from tests.tag_nlg_fakes import NULL_LABEL, FakeDenoiser, label_conditioning, tiny_class_pipeline
 

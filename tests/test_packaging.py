@@ -25,7 +25,9 @@ HEAVY = ("scipy", "scikit-learn", "matplotlib")
 
 
 def _run(code_or_module: list[str], cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    """``python ARGS`` in a subprocess, without the test session's verbosity settings (conftest.py sets them)."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    environment.update(PYTHONPATH=str(REPO), **env)
     return subprocess.run([sys.executable, *code_or_module], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env=environment, check=False)
 

@@ -114,6 +114,21 @@ def test_gfcg_by_name_fails_with_what_to_pass():
     assert isinstance(rule, GFCG) and rule.classifier is net and rule.guidance_scale == 1.5
 
 
+def test_attach_reads_guidance_strings_with_the_same_resolver(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines import attach
+    from tests.tiny import tiny_sd_components
+
+    pipe = StableDiffusionPipeline(**tiny_sd_components(tmp_path))
+    with attach(pipe, "nlg+apg+tag") as attachment:
+        assert attachment.guidance == ComposedGuidance([NLG(), APG(), TAG()])
+    with attach(pipe, 'soft={"name": "apg", "guidance_scale": 4, "eta": 0.5}') as attachment:
+        assert attachment.guidance == APG(4, eta=0.5)
+    with pytest.raises(ValueError, match="'linear-ag' needs coefficients="):
+        attach(pipe, "linear-ag")
+
+
 # --------------------------------------------------------------------------------------------------- equality
 
 

@@ -172,3 +172,50 @@ def tiny_sd3_components(tmp: Path, t5: bool = True) -> dict:
         "text_encoder_3": tiny_t5_encoder() if t5 else None,
         "tokenizer_3": tiny_t5_tokenizer(tmp / "tokenizer_3") if t5 else None,
     }
+
+
+def tiny_controlnet(seed: int = 1):
+    """A ``ControlNetModel`` matching :func:`tiny_sd_components`' UNet (32 px control images -> 16x16 residuals)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    return ControlNetModel(
+        block_out_channels=(16, 32), layers_per_block=1, in_channels=4, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), conditioning_embedding_out_channels=(16, 32),
+        attention_head_dim=4, norm_num_groups=8,
+    ).eval()
+
+
+def tiny_inpainting_unet(seed: int = 2):
+    """A 9-channel inpainting ``UNet2DConditionModel`` (latents, mask, masked-image latents) with 4 output channels."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=9, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ).eval()
+
+
+def tiny_flux_components(tmp: Path) -> dict:
+    """Components of a tiny Flux pipeline: a 1+1-layer Flux transformer on packed 1-channel latents, a CLIP encoder
+    (pooled 32) and a tiny T5 (32-dim joint attention), and a one-level VAE (no downsampling)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    ).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()
+    return {
+        "transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae,
+        "text_encoder": tiny_text_encoder(1), "tokenizer": tiny_tokenizer(tmp / "tokenizer"),
+        "text_encoder_2": tiny_t5_encoder(d_model=32), "tokenizer_2": tiny_t5_tokenizer(tmp / "tokenizer_2"),
+        "image_encoder": None, "feature_extractor": None,
+    }

@@ -1,0 +1,271 @@
+"""One guided generation: the state both integrations share (our loop :func:`pipelines.loop.denoise` and
+:func:`pipelines.attach.attach` on a diffusers pipeline's own loop).
+
+A :class:`GuidedRun` makes the :class:`~guidance.base.Step` record of every model evaluation, asks the guidance for
+its branches (possibly in two phases), evaluates each phase in one batched forward, counts every row per sample,
+combines, and around every ``scheduler.step`` keeps the sample the step began from and applies ``after_step`` once
+the step is complete. ``prepare_noise`` gets a :class:`~guidance.base.NoiseContext` whose evaluations are counted too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from guidance.base import Branch, Guidance, Step
+from pipelines.conditioning import BranchConditioning
+from pipelines.schedulers import SchedulerAdapter
+
+ModelFn = Callable[..., torch.Tensor]
+Generator = torch.Generator | list[torch.Generator] | None
+Predictions = dict[str, torch.Tensor]
+
+
+@dataclass
+class RunReport:
+    """What a generation's guidance cost: network evaluations per sample, batched forwards, and a per-evaluation
+    trace of the branches evaluated (``step`` -1 marks evaluations before the loop, e.g. NLG's)."""
+
+    nfe_per_sample: list[int]
+    model_calls: int
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nfe(self) -> int | float:
+        """Network evaluations per image (an int when every sample had the same count, else their mean)."""
+        counts = self.nfe_per_sample
+        if not counts:
+            return 0
+        return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
+
+
+def derive_generator(generator: Generator, salt: int) -> Generator:
+    """A generator (or list) seeded from ``generator``'s current state and ``salt``, leaving ``generator`` untouched.
+
+    Guidance randomness (NLG's noise) thus follows the pipeline's seed, per sample for a list of generators, without
+    shifting the noise the scheduler draws later.
+    """
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        return [derive_generator(g, salt) for g in generator]  # type: ignore[misc]
+    probe = torch.Generator(device=generator.device)
+    probe.set_state(generator.get_state())
+    base = int(torch.randint(0, 2**62, (1,), generator=probe))
+    return torch.Generator(device=generator.device).manual_seed((base + 0x9E3779B97F4A7C15 * (salt + 1)) % 2**62)
+
+
+def check_branches(guidance: Guidance, conditioning: BranchConditioning) -> None:
+    """Refuse, before any work, a guidance that needs a branch the pipeline cannot provide."""
+    missing = sorted(name for name in guidance.required_branches if not conditioning.has_branch(name))
+    if missing:
+        raise ValueError(
+            f"guidance {guidance!r} needs the branch(es) {missing}, which this pipeline cannot provide "
+            "(e.g. 'uncond' needs a null/negative condition; 'ref' needs a label set: the class ids of a "
+            "class-conditional pipeline, or label_prompts= with target_labels= for a text-to-image pipeline)"
+        )
+
+
+class GuidedRun:
+    """The state of one guided generation (see the module docstring).
+
+    Args:
+        guidance: the rule; :meth:`Guidance.reset` is called here.
+        scheduler: the diffusers scheduler the generation steps with.
+        num_steps: sampling steps (``Step.num_steps``).
+        decode: denoised estimate -> pixels in [-1, 1], for rules that read images (GFCG).
+        generator: the pipeline's generator(s); guidance randomness is derived from it without consuming it.
+    """
+
+    def __init__(
+        self,
+        guidance: Guidance,
+        scheduler: Any,
+        num_steps: int,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: Generator = None,
+    ) -> None:
+        self.guidance = guidance
+        self.scheduler = scheduler
+        self.adapter = SchedulerAdapter(scheduler, len(scheduler.timesteps))
+        self.num_steps = num_steps
+        self.decode = decode
+        self.generator = generator
+        self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        self.counts: torch.Tensor | None = None
+        self.calls = 0
+        self.trace: list[dict[str, Any]] = []
+        self.completed = 0
+        self.evaluations = 0
+        self._index = 0  # schedule index of the latest evaluation
+        self._first_stage = True
+        self._start_record: Step | None = None  # record of the evaluation that began the current step
+        self._step_start: torch.Tensor | None = None
+        guidance.reset()
+
+    # -- records and evaluations ---------------------------------------------------------------------------------
+    def record(
+        self, index: int, timestep: torch.Tensor, sample: torch.Tensor, conditioning: BranchConditioning
+    ) -> Step:
+        """The record of the next model evaluation, at schedule index ``index`` with model input ``sample``."""
+        self._index, self._first_stage = index, self.adapter.is_first_stage()
+        return self._record(index, timestep, sample, conditioning, self.evaluations, self._first_stage)
+
+    def _record(
+        self, index: int, timestep: torch.Tensor, sample: torch.Tensor, conditioning: BranchConditioning,
+        evaluation: int, first_stage: bool,
+    ) -> Step:
+        alpha, sigma = self.adapter.alpha_sigma(index, timestep)
+        return Step(
+            index=self.completed, num_steps=self.num_steps, evaluation=evaluation, first_stage=first_stage,
+            timestep=timestep, alpha=alpha, sigma=sigma, sample=sample, prediction_type=self.adapter.prediction_type,
+            batch_size=sample.shape[0], target_labels=conditioning.target_labels, decode=self.decode,
+            num_labels=conditioning.num_labels,
+        )
+
+    def forward(
+        self,
+        step: Step,
+        branches: Sequence[Branch],
+        model_fn: ModelFn,
+        conditioning: BranchConditioning,
+        model_input: torch.Tensor,
+        trace: dict[str, int],
+    ) -> Predictions:
+        """Evaluate ``branches`` for the rows of ``step`` in one batched call of ``model_fn``; count every row.
+
+        ``model_input`` holds the network input of each sample (``step.sample``, plus any channels the network is
+        conditioned on, e.g. an inpainting mask).
+        """
+        local = torch.arange(step.sample.shape[0])
+        rows = [local if b.rows is None else b.rows.long().cpu() for b in branches]
+        preds = {b.name: step.sample.new_zeros((0, *step.sample.shape[1:])) for b in branches}
+        active = [(b, r) for b, r in zip(branches, rows) if r.numel() > 0]
+        if not active:
+            return preds
+        x = torch.cat([model_input[r.to(model_input.device)] for _, r in active])
+        kwargs = conditioning.gather([b for b, _ in active], [r for _, r in active])
+        out = model_fn(x, step.timestep, **kwargs)
+        self.calls += 1
+        if self.counts is None:
+            self.counts = torch.zeros(step.batch_size, dtype=torch.long)
+        for (branch, r), part in zip(active, out.split([r.numel() for _, r in active])):
+            preds[branch.name] = part
+            absolute = r if step.rows is None else step.rows.cpu()[r]
+            self.counts.index_add_(0, absolute, torch.ones_like(absolute))
+            trace[branch.name] = trace.get(branch.name, 0) + r.numel()
+        return preds
+
+    def complete(
+        self,
+        step: Step,
+        model_fn: ModelFn,
+        conditioning: BranchConditioning,
+        model_input: torch.Tensor | None = None,
+        preds: Predictions | None = None,
+        trace: dict[str, int] | None = None,
+    ) -> Predictions:
+        """Ask ``guidance.branches`` for what is still missing (beyond ``preds``, already evaluated and counted in
+        ``trace``) and evaluate it, phase by phase; the evaluation's trace entry is recorded."""
+        preds = dict(preds or {})
+        trace = {} if trace is None else trace
+        model_input = step.sample if model_input is None else model_input
+        while True:
+            missing = [b for b in self.guidance.branches(step, preds) if b.name not in preds]
+            if not missing:
+                break
+            names = [b.name for b in missing]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{self.guidance!r} requested the same branch twice: {names}")
+            preds.update(self.forward(step, missing, model_fn, conditioning, model_input, trace))
+        self.trace.append({"step": step.index, "evaluation": step.evaluation, "branches": trace})
+        return preds
+
+    def combine(self, step: Step, preds: Predictions) -> torch.Tensor:
+        """The guided prediction of this evaluation, in the conditional prediction's dtype."""
+        self._finish(step)
+        return self.guidance.combine(preds, step).to(preds["cond"].dtype)
+
+    def unguided(
+        self, step: Step, model_fn: ModelFn, conditioning: BranchConditioning, model_input: torch.Tensor
+    ) -> torch.Tensor:
+        """The conditional prediction alone, without asking the guidance (the pipeline turned CFG off)."""
+        trace: dict[str, int] = {}
+        cond = self.forward(step, [Branch("cond")], model_fn, conditioning, model_input, trace)["cond"]
+        self.trace.append({"step": step.index, "evaluation": step.evaluation, "branches": trace})
+        self._finish(step)
+        return cond
+
+    def _finish(self, step: Step) -> None:
+        self.evaluations += 1
+        if step.first_stage:
+            self._start_record = step
+
+    def guide(
+        self, step: Step, model_fn: ModelFn, conditioning: BranchConditioning, model_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Evaluate every branch the guidance asks for at ``step`` and combine them."""
+        return self.combine(step, self.complete(step, model_fn, conditioning, model_input))
+
+    # -- around scheduler.step -----------------------------------------------------------------------------------
+    def begin_step(self, sample: torch.Tensor) -> None:
+        """Before ``scheduler.step`` with the scheduler sample ``sample`` (kept as the step's start)."""
+        if self._first_stage:
+            self._step_start = sample
+
+    def end_step(self, after: torch.Tensor) -> torch.Tensor:
+        """After ``scheduler.step``: ``after_step`` on a completed step (a Heun step completes at its 2nd stage)."""
+        if not self.adapter.step_completed(self._index):
+            return after
+        self.completed += 1
+        if self._start_record is None or self._step_start is None:
+            return after
+        return self.guidance.after_step(self._step_start, after, self._start_record)
+
+    # -- before the loop -----------------------------------------------------------------------------------------
+    def prepare_noise(
+        self,
+        noise: torch.Tensor,
+        index: int,
+        timestep: torch.Tensor,
+        model_fn: ModelFn,
+        conditioning: BranchConditioning,
+    ) -> torch.Tensor:
+        """``guidance.prepare_noise`` on unit-variance ``noise``, with evaluations at schedule index ``index``."""
+        context = _NoiseContext(self, index, timestep, model_fn, conditioning)
+        return self.guidance.prepare_noise(noise, context)
+
+    def report(self) -> RunReport:
+        counts = [] if self.counts is None else self.counts.tolist()
+        return RunReport(nfe_per_sample=counts, model_calls=self.calls, trace=self.trace)
+
+
+class _NoiseContext:
+    """The :class:`guidance.base.NoiseContext` a :class:`GuidedRun` hands to ``prepare_noise``."""
+
+    def __init__(
+        self, run: GuidedRun, index: int, timestep: torch.Tensor, model_fn: ModelFn, conditioning: BranchConditioning
+    ) -> None:
+        self.run, self.index, self.timestep = run, index, timestep
+        self.model_fn, self.conditioning = model_fn, conditioning
+
+    def step_for(self, noise: torch.Tensor) -> Step:
+        scale = self.run.init_noise_sigma * self.run.adapter.input_scale(self.index)
+        return self.run._record(self.index, self.timestep, noise * scale, self.conditioning, -1, True)
+
+    def evaluate(self, step: Step, branches: Sequence[Branch]) -> dict[str, torch.Tensor]:
+        trace: dict[str, int] = {}
+        preds = self.run.forward(step, branches, self.model_fn, self.conditioning, step.sample, trace)
+        self.run.trace.append({"step": -1, "evaluation": -1, "branches": trace})
+        return preds
+
+    def randn_like(self, noise: torch.Tensor, salt: int) -> torch.Tensor:
+        generator = derive_generator(self.run.generator, salt)
+        return randn_tensor(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+    def has_branch(self, name: str) -> bool:
+        return self.conditioning.has_branch(name)
