@@ -151,8 +151,9 @@ class Attachment:
             ``model_calls``, ``trace``); ``None`` before the first.
     """
 
-    def __init__(self, pipe: Any, guidance: Guidance, family: Family) -> None:
+    def __init__(self, pipe: Any, guidance: Guidance, family: Family, check_finite: bool = True) -> None:
         self.pipe = pipe
+        self.check_finite = check_finite
         self.pipeline_class = type(pipe)
         self.guidance = guidance
         self.family = family
@@ -183,12 +184,16 @@ class Attachment:
             family, pipe, call_args = self.family, self.pipe, kwargs
             decode = lambda latents: family.decode(pipe, call_args, latents)  # noqa: E731
         self.call = _Call(self, kwargs.get("generator"), label_set, target_labels, decode)
+        call = self.call
         try:
-            with self.call.installed():
-                return parent_call(*args, **kwargs)
+            with call.installed():
+                output = parent_call(*args, **kwargs)
         finally:
-            self.last_run = self.call.report()
+            self.last_run = call.report()
             self.call = None
+        if call.run is not None:
+            call.run.check_finite()
+        return output
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments as the attached rule needs them (see the module docstring)."""
@@ -331,7 +336,9 @@ class _Call:
         if self.run is None:
             remaining = len(self.scheduler.timesteps) - index
             steps = math.ceil(remaining / getattr(self.scheduler, "order", 1))
-            self.run = GuidedRun(self.guidance, self.scheduler, steps, self.decode, self.generator)
+            self.run = GuidedRun(
+                self.guidance, self.scheduler, steps, self.decode, self.generator, self.attachment.check_finite
+            )
         tree = batch_tree(arguments, x.shape[0], self.family.shared_keywords)
 
         def model_fn(inputs: torch.Tensor, t: torch.Tensor, **branch_kwargs: Any) -> torch.Tensor:
@@ -445,9 +452,12 @@ def _output(module: torch.nn.Module, sample: torch.Tensor) -> Any:
     return Transformer2DModelOutput(sample=sample)
 
 
-def attach(pipe: Any, guidance: Any) -> Attachment:
+def attach(pipe: Any, guidance: Any, check_finite: bool = True) -> Attachment:
     """Install ``guidance`` (a module, a registered name, a config dict or a list, as ``guidance=`` accepts) into the
     diffusers pipeline ``pipe``; call ``pipe`` as usual afterwards. See the module docstring.
+
+    ``check_finite``: a call whose network outputs held NaN / inf raises ``FloatingPointError`` naming the step, the
+    branch and the fraction (read back every 10 evaluations and at the end of the call, not per evaluation).
 
     Returns the :class:`Attachment` (``last_run`` after each call, ``detach()``, a context manager).
     ``ValueError`` at once for a pipeline, denoiser, scheduler or rule that cannot be served.
@@ -464,7 +474,7 @@ def attach(pipe: Any, guidance: Any) -> Attachment:
     rule = resolve_guidance(guidance)
     family = family_of(pipe)
     check_servable(pipe, rule, family)
-    attachment = Attachment(pipe, rule, family)
+    attachment = Attachment(pipe, rule, family, check_finite)
     pipe.__dict__["_guidance"] = attachment
     pipe.__class__ = _attached_class(type(pipe))
     return attachment

@@ -58,6 +58,7 @@ def run_guided_loop(
     callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     callback_tensors: Mapping[str, torch.Tensor] | None = None,
+    check_finite: bool = True,
 ) -> LoopResult:
     """:func:`pipelines.loop.denoise` on ``pipe.scheduler`` with the pipeline's progress bar and callback.
 
@@ -92,6 +93,7 @@ def run_guided_loop(
             decode=decode,
             on_step_end=on_step_end,
             progress=progress,
+            check_finite=check_finite,
         )
 
 
@@ -218,11 +220,13 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         prompt: Any = None,
+        check_finite: bool = True,
     ) -> GuidedPipelineOutput | tuple[Any, ...]:
         """Sample one image per entry of ``class_labels`` (ids or ``id2label`` names).
 
         ``guidance=None`` is CFG at ``guidance_scale`` (default 4.0; 1.0 is unguided conditional sampling).
         ``output_type``: ``"pil"``, ``"np"`` (HWC in [0, 1]), ``"pt"`` (CHW in [0, 1]) or ``"latent"``.
+        ``check_finite``: raise ``FloatingPointError`` when the network returns NaN / inf (naming the step and branch).
         """
         if prompt is not None:
             raise ValueError("this is a class-conditional model: pass class_labels=, not prompt=")
@@ -274,6 +278,7 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
             decode=self._decode,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            check_finite=check_finite,
         )
 
         if output_type == "latent":

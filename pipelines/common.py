@@ -153,7 +153,12 @@ class GuidedTextToImageMixin(GuidancePipelineMixin):
         label_prompts: Sequence[str] | None,
         target_labels: Sequence[int] | None,
     ) -> GuidedPipelineOutput | tuple[Any, ...]:
-        arguments = dict(inspect.signature(parent_call).bind_partial(*args, **kwargs).arguments)
+        check_finite = kwargs.pop("check_finite", True)
+        signature = inspect.signature(parent_call)
+        arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+        for name, param in signature.parameters.items():
+            if param.kind is param.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
         rule = pipeline_guidance(
             guidance, arguments.pop("guidance_scale", None), arguments.pop("guidance_rescale", 0.0),
             self.default_guidance_scale,
@@ -165,7 +170,7 @@ class GuidedTextToImageMixin(GuidancePipelineMixin):
                 label_prompts, target_labels, prompt_batch(arguments), arguments.get("num_images_per_prompt", 1),
                 lambda prompts: self.encode_labels(prompts, arguments), device,
             )
-        attachment = Attachment(self, rule, family_of(self))
+        attachment = Attachment(self, rule, family_of(self), check_finite)
         self.__dict__["_guidance"] = attachment
         try:
             output = attachment.run(parent_call, (), arguments, label_set, targets)

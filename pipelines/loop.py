@@ -41,6 +41,7 @@ def denoise(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: Any = None,
+    check_finite: bool = True,
 ) -> LoopResult:
     """Sample from ``latents`` (already multiplied by ``scheduler.init_noise_sigma``) with ``guidance``.
 
@@ -52,9 +53,11 @@ def denoise(
         decode: maps a denoised estimate to pixels in [-1, 1] (for rules that read images, e.g. GFCG).
         on_step_end: ``on_step_end(i, t, latents) -> latents`` after every evaluation (diffusers' callback semantics).
         progress: anything with ``update()``, advanced once per completed step.
+        check_finite: raise ``FloatingPointError`` when a network output holds NaN / inf (read back every 10
+            evaluations and at the end, so no host synchronisation per evaluation); ``False`` skips it.
     """
     check_branches(guidance, conditioning)
-    run = GuidedRun(guidance, scheduler, num_inference_steps, decode, generator)
+    run = GuidedRun(guidance, scheduler, num_inference_steps, decode, generator, check_finite)
     if guidance.uses("prepare_noise"):
         noise = latents / run.init_noise_sigma
         refined = run.prepare_noise(noise, 0, timesteps[0], model_fn, conditioning)
@@ -72,5 +75,6 @@ def denoise(
         if on_step_end is not None:
             latents = on_step_end(i, t, latents)
 
+    run.check_finite()
     report = run.report()
     return LoopResult(report.nfe_per_sample, report.model_calls, report.trace, latents=latents)

@@ -79,6 +79,7 @@ class GuidedRun:
         num_steps: sampling steps (``Step.num_steps``).
         decode: denoised estimate -> pixels in [-1, 1], for rules that read images (GFCG).
         generator: the pipeline's generator(s); guidance randomness is derived from it without consuming it.
+        check_finite: check every network output for NaN / inf (:class:`FiniteCheck`); ``False`` skips the check.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class GuidedRun:
         num_steps: int,
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: Generator = None,
+        check_finite: bool = True,
     ) -> None:
         self.guidance = guidance
         self.scheduler = scheduler
@@ -105,6 +107,7 @@ class GuidedRun:
         self._first_stage = True
         self._start_record: Step | None = None  # record of the evaluation that began the current step
         self._step_start: torch.Tensor | None = None
+        self.finite = FiniteCheck() if check_finite else None
         guidance.reset()
 
     # -- records and evaluations ---------------------------------------------------------------------------------
@@ -151,6 +154,8 @@ class GuidedRun:
         kwargs = conditioning.gather([b for b, _ in active], [r for _, r in active])
         out = model_fn(x, step.timestep, **kwargs)
         self.calls += 1
+        if self.finite is not None:
+            self.finite.add(out, step, [(b.name, r.numel()) for b, r in active])
         if self.counts is None:
             self.counts = torch.zeros(step.batch_size, dtype=torch.long)
         for (branch, r), part in zip(active, out.split([r.numel() for _, r in active])):
@@ -175,7 +180,7 @@ class GuidedRun:
         trace = {} if trace is None else trace
         model_input = step.sample if model_input is None else model_input
         while True:
-            missing = [b for b in self.guidance.branches(step, preds) if b.name not in preds]
+            missing = [b for b in self._rule(self.guidance.branches, step, preds) if b.name not in preds]
             if not missing:
                 break
             names = [b.name for b in missing]
@@ -188,7 +193,15 @@ class GuidedRun:
     def combine(self, step: Step, preds: Predictions) -> torch.Tensor:
         """The guided prediction of this evaluation, in the conditional prediction's dtype."""
         self._finish(step)
-        return self.guidance.combine(preds, step).to(preds["cond"].dtype)
+        return self._rule(self.guidance.combine, preds, step).to(preds["cond"].dtype)
+
+    def _rule(self, hook: Callable[..., Any], *args: Any) -> Any:
+        """Call a hook of the rule; when it fails, a non-finite network output that explains it is reported first."""
+        try:
+            return hook(*args)
+        except Exception:
+            self.check_finite()
+            raise
 
     def unguided(
         self, step: Step, model_fn: ModelFn, conditioning: BranchConditioning, model_input: torch.Tensor
@@ -239,9 +252,54 @@ class GuidedRun:
         context = _NoiseContext(self, index, timestep, model_fn, conditioning)
         return self.guidance.prepare_noise(noise, context)
 
+    def check_finite(self) -> None:
+        """``FloatingPointError`` if any network output of this generation was not finite (see :class:`FiniteCheck`)."""
+        if self.finite is not None:
+            self.finite.check()
+
     def report(self) -> RunReport:
         counts = [] if self.counts is None else self.counts.tolist()
         return RunReport(nfe_per_sample=counts, model_calls=self.calls, trace=self.trace)
+
+
+class FiniteCheck:
+    """Detects NaN / inf in network outputs without a host synchronisation per evaluation.
+
+    Every output adds one device-side reduction (the non-finite count of each row); the counts are read back every
+    :attr:`every` evaluations and at the end of the generation, where the first offending evaluation is reported by
+    step, branch and the fraction of its elements that were not finite.
+    """
+
+    every = 10
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, int, int, list[tuple[str, int]], int]] = []
+
+    def add(self, out: torch.Tensor, step: Step, branches: list[tuple[str, int]]) -> None:
+        bad = (~torch.isfinite(out)).reshape(out.shape[0], -1).sum(dim=1)
+        self.pending.append((bad, step.index, step.evaluation, branches, out[0].numel()))
+        if len(self.pending) >= self.every:
+            self.check()
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        totals = torch.stack([bad.sum() for bad, *_ in self.pending]).tolist()
+        pending, self.pending = self.pending, []
+        for total, (bad, index, evaluation, branches, elements) in zip(totals, pending):
+            if total == 0:
+                continue
+            counts = bad.split([rows for _, rows in branches])
+            parts = [
+                f"{name}: {float(count.sum()) / (rows * elements):.1%}"
+                for (name, rows), count in zip(branches, counts) if int(count.sum())
+            ]
+            where = "before the loop (noise refinement)" if index < 0 else f"at step {index} (evaluation {evaluation})"
+            raise FloatingPointError(
+                f"the network returned non-finite values (NaN or inf) {where}; fraction of elements per branch: "
+                f"{', '.join(parts)}. Check the model weights and dtype (float16 overflow?); pass check_finite=False "
+                "to skip this check"
+            )
 
 
 class _NoiseContext:

@@ -43,6 +43,8 @@ class GuidedStableDiffusionPipeline(GuidedTextToImageMixin, StableDiffusionPipel
                 (default 7.5) with ``guidance_rescale``. A configured module carries its own scale.
             label_prompts: the prompts of a label set for labelled reference branches (GFCG's ``ref``), encoded
                 once per call; with ``target_labels``: the label index of each prompt.
+            check_finite: (keyword) raise ``FloatingPointError`` when the network returns NaN / inf (default
+                ``True``; read back every 10 evaluations, so no host synchronisation per step).
 
         Returns a :class:`~pipelines.common.GuidedPipelineOutput`: ``images``, ``nsfw_content_detected`` and the cost
         (``nfe`` per image, ``nfe_per_sample``, ``model_calls``, ``trace``); with ``return_dict=False`` the
