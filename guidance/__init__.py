@@ -14,6 +14,9 @@ from guidance.linear_ag import LinearAG, LinearAGCoefficients, fit_linear_ag  # 
 from guidance.tag import TAG, TAGCFG  # noqa: E402
 from guidance.nlg import NLG  # noqa: E402
 from guidance.gfcg import GFCG  # noqa: E402
+from guidance.interval import GuidanceInterval  # noqa: E402
+from guidance.schedule import ScaleSchedule  # noqa: E402
+from guidance.dynamic import DynamicCFG  # noqa: E402
 from guidance.ag_calibration import calibrate_threshold  # noqa: E402
 
 #: marks this package as diffusion-guidance's ``guidance`` (another PyPI distribution installs a ``guidance`` too)
@@ -24,9 +27,12 @@ __all__ = [
     "APG",
     "AdaptiveGuidance",
     "CFG",
+    "DynamicCFG",
     "GFCG",
+    "GuidanceInterval",
     "LinearAG",
     "NLG",
+    "ScaleSchedule",
     "TAG",
     "TAGCFG",
     # building rules by name, config or composition

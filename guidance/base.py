@@ -60,6 +60,8 @@ class Step:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     #: size of the pipeline's label set (the labels a ``ref`` branch may ask for); 0 without one
     num_labels: int = 0
+    #: the pipeline's scheduler (read-only: rules check what they were fitted on against it, e.g. LinearAG)
+    scheduler: Any = field(default=None, repr=False)
 
     @property
     def noise_level(self) -> float:
@@ -86,8 +88,10 @@ class Step:
 class NoiseContext(Protocol):
     """What :meth:`Guidance.prepare_noise` may use: model evaluations at the start of the schedule, and randomness."""
 
-    def step_for(self, noise: torch.Tensor) -> Step:
-        """The record of an evaluation at the schedule's first (highest) noise level with initial noise ``noise``."""
+    def step_for(self, noise: torch.Tensor, timestep: int | None = None) -> Step:
+        """The record of an evaluation with initial noise ``noise``: at the sampling schedule's first timestep, or
+        (``timestep`` given) at that training timestep with its alpha, sigma from the scheduler's ``alphas_cumprod``
+        and the unit-variance noise itself as the model input (VP-type schedulers)."""
 
     def evaluate(self, step: Step, branches: Sequence[Branch]) -> dict[str, torch.Tensor]:
         """Evaluate ``branches`` in one batched forward (counted in the NFE)."""
@@ -114,9 +118,19 @@ class Guidance:
     required_branches: ClassVar[frozenset[str]] = frozenset({"cond"})
     #: what to pass for the constructor arguments without a default (shown when a rule built by name lacks them)
     inputs_help: ClassVar[str] = ""
+    #: the smallest ``guidance_scale`` the rule accepts, for rules whose hooks read ``self.guidance_scale`` at call
+    #: time, so that :class:`~guidance.schedule.ScaleSchedule` may set it per step; ``None``: no such scale
+    scale_low: ClassVar[float | None] = None
 
     def reset(self) -> None:
         """Forget all per-generation state (called at the start of every generation)."""
+
+    @classmethod
+    def couples_batch(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a module built from ``config`` (this class's :meth:`config` dict) lets a sample's result depend
+        on the other samples of its batch. False for every rule at its defaults; tools that promise batch-independent
+        images (``guidance-evaluate``) key the runs of such a configuration by batch size."""
+        return False
 
     def prepare_noise(self, noise: torch.Tensor, context: NoiseContext) -> torch.Tensor:
         """Return the initial noise to sample from (unit variance in, unit variance out)."""

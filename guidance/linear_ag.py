@@ -21,7 +21,8 @@ choice configurable at fitting time and stored with the coefficients:
   true past predictions as regressors (teacher forcing). The relative residual on held-out runs is stored per
   evaluation.
 * As in :class:`~guidance.adaptive.AdaptiveGuidance`, once gamma reaches ``threshold`` the remaining steps are
-  conditional-only (for the whole batch, or per sample with ``reduce="per-sample"``). On designated steps gamma is
+  conditional-only (per sample with ``reduce="per-sample"``, the default; for the whole batch with ``"all"``, which
+  makes results depend on the batching). On designated steps gamma is
   computed from the estimate; samples that already switched are not estimated.
 
 The coefficients are saved as safetensors with their metadata (model id, scheduler class, step count, base rule and
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from guidance._validate import check_bool, check_int
@@ -113,12 +114,16 @@ class LinearAGCoefficients:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LinearAGCoefficients:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        if METADATA_KEY not in header:
-            raise ValueError(f"{path} holds no LinearAG metadata (key {METADATA_KEY!r} in the safetensors header)")
-        tensors = load_file(str(path))
-        return cls(tensors["coefficients"], tensors["evaluations"].tolist(), json.loads(header[METADATA_KEY]))
+        """Read a file written by :meth:`save`; ``ValueError`` naming ``path`` if it is unreadable or incomplete."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            if METADATA_KEY not in header:
+                raise ValueError(f"no LinearAG metadata (key {METADATA_KEY!r} in the safetensors header)")
+            tensors = load_file(str(path))
+            return cls(tensors["coefficients"], tensors["evaluations"].tolist(), json.loads(header[METADATA_KEY]))
+        except (SafetensorError, OSError, KeyError, ValueError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: not a readable LinearAG coefficients file ({error})") from None
 
     def for_evaluation(self, evaluation: int) -> torch.Tensor | None:
         """The coefficients of ``evaluation``, or ``None`` when it is not designated."""
@@ -129,12 +134,17 @@ class LinearAGCoefficients:
 
 
 def check_metadata(fitted: dict[str, Any], observed: dict[str, Any], where: str = "") -> None:
-    """Raise a ``ValueError`` naming every field of ``observed`` whose value differs from the ``fitted`` metadata."""
-    wrong = [
-        f"{key}{where}: coefficients fitted for {fitted.get(key)!r}, this run has {value!r}"
-        for key, value in observed.items()
-        if not _same(fitted.get(key), value)
-    ]
+    """Raise a ``ValueError`` naming every field of ``observed`` whose value differs from the ``fitted`` metadata
+    (for a dict-valued field such as the scheduler config: the entries that differ)."""
+    wrong = []
+    for key, value in observed.items():
+        expected = fitted.get(key)
+        if _same(expected, value):
+            continue
+        if isinstance(expected, dict) and isinstance(value, dict):
+            names = sorted(n for n in expected.keys() | value.keys() if not _same(expected.get(n), value.get(n)))
+            expected, value = ({n: d.get(n) for n in names} for d in (expected, value))
+        wrong.append(f"{key}{where}: coefficients fitted for {expected!r}, this run has {value!r}")
     if wrong:
         raise ValueError("LinearAG coefficients do not match this run (refit them for it):\n  " + "\n  ".join(wrong))
 
@@ -146,12 +156,18 @@ def _same(expected: Any, actual: Any) -> bool:
 
 
 def _run_metadata(step: Step) -> dict[str, Any]:
-    """What a run reveals at evaluation ``step.evaluation`` (compared with the fitted metadata)."""
-    return {
+    """What a run reveals at evaluation ``step.evaluation`` (compared with the fitted metadata): step count,
+    prediction type, sample shape and the pipeline's actual scheduler (class and config, ``_``-keys left out)."""
+    metadata: dict[str, Any] = {
         "num_inference_steps": step.num_steps,
         "prediction_type": step.prediction_type,
         "sample_shape": list(step.sample.shape[1:]),
     }
+    if step.scheduler is not None:
+        config = {k: v for k, v in dict(step.scheduler.config).items() if not k.startswith("_")}
+        metadata["scheduler_class"] = type(step.scheduler).__name__
+        metadata["scheduler_config"] = json.loads(json.dumps(config, default=str))
+    return metadata
 
 
 def _evaluation_metadata(step: Step) -> dict[str, float]:
@@ -169,11 +185,13 @@ class LinearAG(AdaptiveGuidance):
         scheduler: the scheduler's class name (or the scheduler itself); must equal the fitted one.
         threshold: AG's gamma-bar in (0, 1]: conditional-only steps after it is reached (calibrate it).
         space: where AG's gamma is measured, ``"x0"`` or ``"output"``.
-        reduce: AG's switch for the whole batch (``"all"``) or per sample (``"per-sample"``).
+        reduce: AG's switch per sample (``"per-sample"``, default: a sample's image and NFE do not depend on its
+            batch-mates) or for the whole batch (``"all"``: results then depend on the batching).
         base: the guidance rule; ``None`` takes the one the coefficients were fitted with (any other must match it).
 
-    Step count, prediction type, sample shape and every evaluation's timestep and noise level are checked against
-    the coefficients' metadata as the run proceeds (before the evaluation is spent).
+    Step count, prediction type, sample shape, the pipeline's actual scheduler (its class and config, whatever
+    ``scheduler`` says) and every evaluation's timestep and noise level are checked against the coefficients'
+    metadata as the run proceeds (before the evaluation is spent).
     """
 
     inputs_help = (
@@ -190,7 +208,7 @@ class LinearAG(AdaptiveGuidance):
         scheduler: Any,
         threshold: float = 0.991,
         space: str = "x0",
-        reduce: str = "all",
+        reduce: str = "per-sample",
         base: Guidance | str | dict[str, Any] | None = None,
     ) -> None:
         fitted = coefficients if isinstance(coefficients, LinearAGCoefficients) else LinearAGCoefficients.load(coefficients)

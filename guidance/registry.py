@@ -4,14 +4,15 @@ One resolver for every place a guidance is accepted (pipelines, ``guidance-gener
 ``guidance-evaluate --guidance``):
 
 * a module (``APG(5)``), used as given;
-* a registered name (``"apg"``), or names joined by ``+`` (``"nlg+apg+tag"``: composed in that order);
+* a registered name (``"apg"``), or names joined by ``+`` (``"nlg+apg+tag"``: composed in that order); each name may
+  carry arguments and wrappers in the :mod:`guidance.spec` syntax (``"cfg@interval=0.28,2"``);
 * a config dict (``{"name": "apg", "guidance_scale": 5}``), a list of them, or their JSON text;
 * ``LABEL=JSON`` (``"strong-apg={\\"name\\": \\"apg\\", \\"guidance_scale\\": 9}"``): a JSON config with a label
   (the label names the method in tables and grids); in JSON configs the string ``"$scale"`` stands for the scale;
 * a list or tuple of any of these (composed in order).
 
 ``guidance_scale`` given to :func:`resolve_guidance` goes to every module built from a *name* whose constructor takes
-one, and replaces ``"$scale"`` in configs; configured modules and dicts carry their own scale. ``inputs`` supplies
+one (the innermost rule of a wrapped term), and replaces ``"$scale"`` in configs; configured modules and dicts carry their own scale. ``inputs`` supplies
 constructor arguments a config leaves out (GFCG's ``classifier``, LinearAG's ``coefficients`` ...). A rule whose
 required arguments are missing fails with a ``ValueError`` that names them and says what to pass.
 """
@@ -33,8 +34,8 @@ SCALE_PLACEHOLDER = "$scale"
 
 def register(name: str) -> Callable[[type[Guidance]], type[Guidance]]:
     """Class decorator: make a guidance class available under ``name``."""
-    if not name or any(char in name for char in "+={}[] "):
-        raise ValueError(f"guidance name must be non-empty without '+', '=', brackets or spaces, got {name!r}")
+    if not name or any(char in name for char in "+=@{}[] "):
+        raise ValueError(f"guidance name must be non-empty without '+', '=', '@', brackets or spaces, got {name!r}")
 
     def decorate(cls: type[Guidance]) -> type[Guidance]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -112,16 +113,13 @@ def parse_guidance(spec: str, guidance_scale: float | None = None) -> tuple[str,
     if _is_json(text):
         return text, substitute_scale(_load_json(text, repr(text)), guidance_scale)
     label, sep, rest = text.partition("=")
-    if sep:
-        if not label.strip() or not _is_json(rest):
+    if sep and _is_json(rest):
+        if not label.strip():
             raise ValueError(f"guidance {text!r}: expected LABEL=JSON, e.g. 'strong={{\"name\": \"apg\"}}'")
         return guidance_label(text), substitute_scale(_load_json(rest, repr(label.strip())), guidance_scale)
-    parts = []
-    for name in text.split("+"):
-        part: dict[str, Any] = {"name": name.strip()}
-        if guidance_scale is not None and takes(part["name"], "guidance_scale"):
-            part["guidance_scale"] = guidance_scale
-        parts.append(part)
+    from guidance.spec import term_config  # the term syntax builds on this module
+
+    parts = [term_config(term, guidance_scale) for term in text.split("+")]
     return text, parts[0] if len(parts) == 1 else parts
 
 

@@ -21,6 +21,8 @@ All arithmetic runs in float32 or better (:func:`compute_dtype`); callers cast t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -94,3 +96,14 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None =
 def reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
     """float64 for precise per-sample reductions, float32 on MPS (which has no float64)."""
     return torch.float32 if tensor.device.type == "mps" else torch.float64
+
+
+def size_scaled(value: float, elements: int, reference_elements: int) -> float:
+    """``value * sqrt(elements / reference_elements)``: a norm tuned at ``reference_elements`` per sample, moved to
+    samples of ``elements``.
+
+    Per-sample L2 norms of noise-like tensors grow like sqrt(D) for D elements, so an absolute norm threshold tuned on
+    one latent size is too strong on smaller samples and too weak on larger ones; scaling by sqrt(D / D_ref) keeps
+    its size relative to the signal (APG's default ``norm_threshold``, NLG's default ``max_norm``).
+    """
+    return value * math.sqrt(elements / reference_elements)

@@ -82,8 +82,10 @@ class TAG(Guidance):
     """Tangential Amplifying Guidance as an ``after_step`` hook (see the module docstring); 0 extra NFE.
 
     Args:
-        eta: tangential scale, > 0 (1 is the base sampler, bitwise). Paper default 1.15 (SD1.5/2.1); see
-            :meth:`for_family`.
+        eta: tangential scale, > 0 (1 is the base sampler, bitwise). Default 1.15, tuned on: SD1.5 and SD2.1
+            (the paper's Table 16, unconditional, 50 steps); it is family-dependent (:meth:`for_family`: SDXL 1.20,
+            SD3 1.05) but, a factor on the tangential part of each update rather than a norm, needs no scaling with
+            the latent size.
         window: ``(t_start, t_end)`` with ``t_start > t_end >= 0`` on the scheduler's 0-1000 timestep scale (flow
             models: ``t = 1000 s``). A completed step is amplified when the timestep of the evaluation that began it
             satisfies ``t_end <= t <= t_start`` (both edges inclusive; Heun: its first stage). Default
@@ -174,6 +176,8 @@ class TAGCFG(Guidance):
         delta: the small constant of Eq. 28, > 0, in the model output's units per sample [unverified in the paper:
             configurable].
     """
+
+    scale_low = 0.0
 
     required_branches = frozenset({"cond", "uncond"})
 

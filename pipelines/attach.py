@@ -31,10 +31,11 @@ restores the class. A pipeline whose layout is unknown (:mod:`pipelines.families
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from guidance.base import Branch, Guidance
 from guidance.registry import resolve_guidance
 from pipelines.conditioning import BranchConditioning, batch_tree, take
 from pipelines.families import Family, family_of
-from pipelines.run import GuidedRun, RunReport, check_branches
+from pipelines.run import GuidedRun, RunReport, check_branches, check_steps
 from pipelines.schedulers import scheduler_family
 
 #: the ``true_cfg_scale`` an attached Flux call runs with; the second call's answer inverts the parent's combination
@@ -181,8 +182,7 @@ class Attachment:
         kwargs = self._call_kwargs(dict(kwargs))
         check_servable(self.pipe, self.guidance, self.family, label_set is not None)
         if decode is None:
-            family, pipe, call_args = self.family, self.pipe, kwargs
-            decode = lambda latents: family.decode(pipe, call_args, latents)  # noqa: E731
+            decode = functools.partial(self.family.decode, self.pipe, kwargs)
         self.call = _Call(self, kwargs.get("generator"), label_set, target_labels, decode)
         call = self.call
         try:
@@ -197,8 +197,6 @@ class Attachment:
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments as the attached rule needs them (see the module docstring)."""
-        from pipelines.common import check_steps
-
         if "num_inference_steps" in kwargs:
             check_steps(kwargs["num_inference_steps"])
         if kwargs.get("guidance_rescale"):
@@ -259,17 +257,14 @@ class _Call:
         self.pending_cond: tuple[Any, ...] | None = None  # Flux: (step, preds, trace) of the conditional call
 
     # -- installing ----------------------------------------------------------------------------------------------
-    def installed(self) -> Any:
-        call = self
-
-        class _Installed:
-            def __enter__(self) -> None:
-                call.install()
-
-            def __exit__(self, *exc: Any) -> None:
-                call.uninstall()
-
-        return _Installed()
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The denoiser interception and the scheduler wrapper, for the duration of the call."""
+        self.install()
+        try:
+            yield
+        finally:
+            self.uninstall()
 
     def install(self) -> None:
         self.denoiser = denoiser_of(self.pipe)
@@ -282,6 +277,7 @@ class _Call:
         self.scheduler = self.pipe.scheduler
         self.previous_step = self.scheduler.__dict__.get("step")  # a wrap of the user's own, kept under ours
         original = self.scheduler.step
+        self.step_signature = inspect.signature(original)
 
         @functools.wraps(original)
         def step(*args: Any, **kwargs: Any) -> Any:
@@ -302,7 +298,7 @@ class _Call:
 
     # -- the scheduler -------------------------------------------------------------------------------------------
     def scheduler_step(self, original: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = self.step_signature.bind(*args, **kwargs)
         self.pending_cond = None
         if self.pending_sample is not None:
             bound.arguments["sample"], self.pending_sample = self.pending_sample, None
@@ -372,7 +368,7 @@ class _Call:
                 raise ValueError(f"the pipeline's batched CFG input has an odd number of rows ({rows})")
             half = rows // 2
             tree = self._deinterleave(tree, rows)
-            branches = {"uncond": take(tree, torch.arange(half)), "cond": take(tree, torch.arange(half, rows))}
+            branches = {"uncond": take(tree, slice(0, half)), "cond": take(tree, slice(half, rows))}
             model_input = x[half:]
         else:
             branches, model_input = {"cond": tree}, x

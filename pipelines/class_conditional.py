@@ -17,10 +17,11 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from guidance.base import Guidance
-from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance
+from pipelines.common import GuidedPipelineOutput, pipeline_guidance
 from pipelines.conditioning import BranchConditioning
 from pipelines.families import decode_float32
 from pipelines.loop import LoopResult, denoise
+from pipelines.run import check_steps
 
 
 def scheduler_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:

@@ -68,13 +68,6 @@ def pipeline_guidance(
     return resolve_guidance(guidance)
 
 
-def check_steps(num_inference_steps: object) -> int:
-    """``num_inference_steps`` must be a positive int."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    return num_inference_steps
-
-
 def label_targets(target_labels: Sequence[int] | None, num_labels: int, batch: int, per_prompt: int) -> torch.Tensor:
     """The label id of every image, given one id per prompt (repeated for ``num_images_per_prompt``)."""
     if target_labels is None:

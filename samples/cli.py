@@ -83,8 +83,9 @@ def add_shared_arguments(
 
     parser.add_argument(
         "--guidance", "--methods", dest="guidance", nargs="+", metavar="GUIDANCE",
-        help="registered names, names joined by '+' to compose (nlg+apg+tag), or LABEL=JSON configs in which "
-        "\"$scale\" stands for the scale (default: every registered method)",
+        help="registered names, names joined by '+' to compose (nlg+apg+tag), with @KEY=VALUE arguments and "
+        "wrappers (cfg@interval=0.28,2, cfg@schedule=cosine), or LABEL=JSON configs in which \"$scale\" stands for "
+        "the scale (default: every registered method)",
     )
     parser.add_argument(
         "--scale", "--scales", dest="scale", type=float, nargs="+" if many_scales else None, default=scale_default,

@@ -10,7 +10,10 @@ the metrics and writes the tables, plots and grids (:mod:`samples.evaluation_rep
 Metrics per cell: Frechet distance to the reference statistics (:mod:`samples.metrics`), precision and recall
 (k = 3, :mod:`samples.precision_recall`), class accuracy by the embedded evaluation network (digits only; never the
 classifier GFCG guides with), saturation (:mod:`samples.saturation`), NFE per image and images per second (per
-process). Bad input prints one ``guidance-evaluate: error:`` line and exits with status 2.
+process). Bad input (an uncreatable ``--output`` included, checked before any model loads) and a generation that
+must not be scored (non-finite images, a run the guidance refuses) print one ``guidance-evaluate: error:`` line and
+exit with status 2. Damaged shard files (checksum or load failure) are reported in one line each, moved aside and
+generated again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,6 +41,7 @@ from samples.digits_nets import WEIGHTS_DIR, WEIGHTS_NAME, load_classifier
 from samples.evaluation_jobs import (
     CALIBRATION_IMAGES,
     Cell,
+    GenerationError,
     Task,
     UsageError,
     build_guidance,
@@ -111,6 +116,17 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.reference and not Path(args.reference).exists():
         raise UsageError(f"--reference {args.reference}: no such file or folder")
+    check_output(Path(args.out))
+
+
+def check_output(out: Path) -> None:
+    """Create the output folder (before any model loads) and check that files can be written in it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create or write the folder ({error.strerror or error})") from None
 
 
 def classifier_weights(args: argparse.Namespace) -> Path:
@@ -165,7 +181,10 @@ def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard
                 modules[cell.key] = build_guidance(cell.config, cell_inputs)
             bar.set_postfix_str(f"{cell.method} w={cell.scale:g}")
             start = time.perf_counter()
-            arrays = generate(pipe, task, modules[cell.key], shard.indices, batch_size)
+            try:
+                arrays = generate(pipe, task, modules[cell.key], shard.indices, batch_size)
+            except (GenerationError, FloatingPointError, ValueError) as error:  # never a half-scored cell
+                raise GenerationError(f"{cell.method} w={cell.scale:g}, shard {shard.path(root).name}: {error}") from None
             arrays["seconds"] = np.array(time.perf_counter() - start)
             shards.write_shard(root, shard, arrays)
             bar.update(shard.count)
@@ -276,6 +295,12 @@ def setup(args: argparse.Namespace, device: str) -> tuple[Any, Task, FeatureExtr
     return pipe, task, extractor, accuracy_net
 
 
+def report_damaged(moved: list[tuple[Path, str]]) -> None:
+    """One line per damaged shard that was moved aside."""
+    for target, reason in moved:
+        print(f"{PROG}: damaged shard: {reason}; moved to {target.name}, it is generated again", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
@@ -294,14 +319,18 @@ def run(args: argparse.Namespace) -> int:
         "scheduler": scheduler,
     }
     material = fingerprint(args.model, pipe, task, args.dtype, args.shard_size)
-    cells = plan_cells(args.guidance or default_methods(), args.scale, material, supplied)
+    cells = plan_cells(args.guidance or default_methods(), args.scale, material, supplied, args.batch_size)
     inputs: dict[str, Any] = {"model_id": args.model, "scheduler": scheduler}
     if any("classifier" in cell.needs for cell in cells):
         inputs["classifier"] = guidance_classifier(args, task, device)
     out = Path(args.out)
     check_manifest(out, extractor.id)
     plans = {cell.key: shards.plan(cell.key, args.num_samples, args.shard_size) for cell in cells}
-    todo = shards.pending(out, [shard for plan in plans.values() for shard in plan])
+    planned = [shard for plan in plans.values() for shard in plan]
+    if state.is_main_process:
+        report_damaged(shards.quarantine(out, planned))
+    state.wait_for_everyone()  # damaged shards are out of the way before any process lists the pending ones
+    todo = shards.pending(out, planned)
     if args.dry_run:
         message = dry_run(pipe, task, cells, plans, todo, inputs, args, state.num_processes)
         if state.is_main_process:
@@ -327,10 +356,14 @@ def run(args: argparse.Namespace) -> int:
     if args.save_reference:
         reference.save(args.save_reference)
     rows = []
-    with cli.progress(len(cells), "metrics", "cells", quiet=args.quiet) as bar:
-        for cell in cells:
-            rows.append(cell_metrics(out, cell, plans[cell.key], extractor, accuracy_net, reference))
-            bar.update()
+    try:
+        with cli.progress(len(cells), "metrics", "cells", quiet=args.quiet) as bar:
+            for cell in cells:
+                rows.append(cell_metrics(out, cell, plans[cell.key], extractor, accuracy_net, reference))
+                bar.update()
+    except shards.DamagedShardError as error:  # damaged after this run's check: set it aside for the next run
+        report_damaged(shards.quarantine(out, planned))
+        raise GenerationError(f"{error}; run the same command again to regenerate it") from None
     kind = saturation_kind(task.image_shape[0])
     meta = {
         "extractor": extractor.id,
@@ -361,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except UsageError as error:
+    except (UsageError, GenerationError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
 

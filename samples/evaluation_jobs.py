@@ -5,15 +5,17 @@ pipeline call, so the batch it lands in does not matter) and class ``i % num_cla
 ``i % len(prompts)``). All cells share these seeds, so methods are compared on the same initial noise.
 
 A ``--guidance`` entry is read by the one resolver of :mod:`guidance.registry` (as in Python): a registered name
-(built with ``guidance_scale=<scale>``), names joined by ``+`` (composed in order; every module that takes
-``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config in which the string ``"$scale"`` stands for
-the scale. Constructor arguments a config
+(built with ``guidance_scale=<scale>``), optionally with arguments and wrappers in the :mod:`guidance.spec` syntax
+(``cfg@interval=0.28,2``, ``cfg@schedule=cosine``: the scale goes to the innermost rule), names joined by ``+``
+(composed in order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
+in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
 leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: GFCG's ``classifier`` (the guidance classifier,
 never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
 calibration images with other seeds, :func:`fit_coefficients`; at scale 1 CFG has no unconditional branch to
 estimate, so such a cell runs CFG at 1), ``model_id`` and ``scheduler``. A cell's folder name
 hashes everything its images depend on (model files, scheduler, steps, seed, dtype, prompts, guidance config, supplied
-arguments, shard size), so a changed setting never reuses stale shards.
+arguments, shard size, device type, and the batch size for configs whose rule couples a batch's samples,
+:func:`batch_coupled`), so a changed setting never reuses stale shards.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import numpy as np
 import torch
 
 from guidance import Guidance, available_guidance, resolve_guidance
-from guidance.registry import guidance_class, parse_guidance, supply, takes
+from guidance.registry import guidance_class, guidance_label, parse_guidance, supply, takes
+from guidance.spec import parse_term
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES
 from samples.features import DIGITS_SHAPE, to_uint8
@@ -40,6 +43,10 @@ from samples.saturation import OVERSHOOT_MARGIN, clipped_fraction, saturation
 
 class UsageError(ValueError):
     """Bad input to the evaluation tool: reported as one line, exit status 2."""
+
+
+class GenerationError(RuntimeError):
+    """A cell's generation produced what must never be scored (non-finite images, a refused run): one line, exit 2."""
 
 
 # ----------------------------------------------------------------------------------------------------- methods
@@ -84,20 +91,22 @@ def default_methods() -> list[str]:
 def method_config(spec: str, scale: float) -> tuple[str, Any]:
     """``(label, config)`` of a ``--guidance`` entry at ``scale`` (:func:`guidance.registry.parse_guidance`).
 
-    Names joined by ``+`` must include one rule with a scale: a sweep over scales is meaningless otherwise.
+    Names joined by ``+`` must include one rule with a scale (the innermost rule of a wrapped term): a sweep over
+    scales is meaningless otherwise.
     """
     try:
         label, config = parse_guidance(spec, scale)
     except ValueError as error:
         raise UsageError(f"method {spec!r}: {error}") from None
-    names = [part["name"] for part in (config if isinstance(config, list) else [config]) if isinstance(part, dict)]
-    if not _is_config(spec) and not any(_has_scale(name) for name in names):
+    terms = [] if _is_config(spec) else spec.split("+")
+    if terms and not any(_has_scale(parse_term(term)[0][0]) for term in terms):
         raise UsageError(f"method {spec!r} has no guidance scale; compose it with a rule that has one, e.g. cfg+{spec}")
     return label, config
 
 
 def _is_config(spec: str) -> bool:
-    return spec.lstrip().startswith(("{", "[")) or "=" in spec
+    """Whether a ``--guidance`` entry is JSON or ``LABEL=JSON`` (rather than names and terms)."""
+    return spec.lstrip().startswith(("{", "[")) or guidance_label(spec) != spec.strip()
 
 
 def supplied_arguments(config: Any) -> frozenset[str]:
@@ -108,6 +117,18 @@ def supplied_arguments(config: Any) -> frozenset[str]:
 def build_guidance(config: Any, inputs: dict[str, Any] | None = None) -> Guidance:
     """The guidance module of a cell's config, the :data:`SUPPLIED` arguments it lacks taken from ``inputs``."""
     return resolve_guidance(supply(config, inputs or {}, SUPPLIED)[0])
+
+
+def batch_coupled(config: Any) -> bool:
+    """Whether a cell's images may depend on which images share a batch: some module of the config (list, nested
+    dict) is configured so (:meth:`guidance.Guidance.couples_batch`, e.g. AG with ``reduce="all"``)."""
+    if isinstance(config, list):
+        return any(batch_coupled(item) for item in config)
+    if not isinstance(config, dict):
+        return False
+    name = config.get("name")
+    own = isinstance(name, str) and name in available_guidance() and guidance_class(name).couples_batch(config)
+    return own or any(batch_coupled(value) for value in config.values())
 
 
 def cell_key(label: str, scale: float, material: dict[str, Any]) -> str:
@@ -122,9 +143,13 @@ def slug(text: str) -> str:
 
 
 def plan_cells(
-    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], supplied: dict[str, str]
+    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], supplied: dict[str, str],
+    batch_size: int,
 ) -> list[Cell]:
     """The cells of ``methods x scales``.
+
+    The batch size enters the hash of a cell only when its config couples the samples of a batch
+    (:func:`batch_coupled`): every other cell's images depend on their index and seed only.
 
     ``supplied`` describes the value the tool will supply for each :data:`SUPPLIED` argument (e.g. the classifier's
     id); it enters the hash of the cells that use it. Every config is built here once (with stand-ins for supplied
@@ -146,6 +171,8 @@ def plan_cells(
                 except (TypeError, ValueError) as error:
                     raise UsageError(f"method {label!r} at scale {scale:g}: {error}") from None
             cell_material = {**material, "guidance": config, "supplied": {n: supplied.get(n) for n in sorted(needs)}}
+            if batch_coupled(config):
+                cell_material["batch_size"] = batch_size
             cells.append(Cell(label, scale, config, cell_key(label, scale, cell_material), needs))
     names = [(cell.method, cell.scale) for cell in cells]
     if len(set(names)) != len(names):
@@ -248,6 +275,7 @@ def fingerprint(model: str, pipe: Any, task: Task, dtype: str, shard_size: int) 
         "steps": task.steps,
         "seed": task.seed,
         "dtype": dtype,
+        "device": torch.device(pipe.device).type,
         "prompts": task.prompts,
         "shard_size": shard_size,
     }
@@ -270,7 +298,9 @@ def generate(
     pipe: Any, task: Task, guidance: Guidance, indices: Sequence[int], batch_size: int
 ) -> dict[str, np.ndarray]:
     """Samples ``indices``: ``images`` (uint8), ``labels``, ``nfe``, ``saturation``, ``clipped`` and ``overshoot``
-    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image."""
+    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image.
+
+    :class:`GenerationError` if an image has a non-finite pixel (it would be scored as a black or white image)."""
     names = ("images", "labels", "nfe", "saturation", "clipped", "overshoot")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(indices), batch_size):
@@ -279,6 +309,10 @@ def generate(
         output = pipe(**task.conditioning(chunk), guidance=guidance, num_inference_steps=task.steps,
                       generator=generators, output_type="latent")
         pixels = decode_unclamped(pipe, output.images).cpu()
+        bad = [i for i, image in zip(chunk, pixels) if not torch.isfinite(image).all()]
+        if bad:
+            raise GenerationError(f"{len(bad)} of {len(chunk)} images of a batch have non-finite pixel values "
+                                  f"(indices {bad[:5]}{' ...' if len(bad) > 5 else ''}); nothing is scored")
         parts["images"].append(to_uint8(pixels))
         parts["labels"].append(torch.tensor(task.labels(chunk)))
         parts["nfe"].append(torch.tensor(output.nfe_per_sample, dtype=torch.float64))

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.OneLineParser(
         prog=PROG,
         description="Sample every guidance method with the same seeds; write a labelled grid and a summary.",
-        epilog=f"guidance methods: {', '.join(available_guidance())} (join with '+' to compose, e.g. nlg+apg+tag)",
+        epilog=f"guidance methods: {', '.join(available_guidance())} (join with '+' to compose, e.g. nlg+apg+tag; "
+        "add arguments and wrappers with @KEY=VALUE, e.g. cfg@interval=0.28,2 or cfg@schedule=cosine)",
     )
     parser.add_argument("--model", help="local pipeline folder or hub id (default: the embedded 8x8 digits model)")
     parser.add_argument("--prompt", nargs="+", help="prompt(s) for a text-to-image model, one column block each")
@@ -138,8 +139,9 @@ def resolve_device(name: str | None) -> str:
 def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tuple[str, Guidance, list[str]]:
     """The label and guidance module of ``spec`` and the notes of the inputs it used.
 
-    ``spec`` is anything :func:`guidance.resolve_guidance` reads from a string (a name, ``a+b`` names, JSON or
-    ``LABEL=JSON``); ``scale`` is passed as ``guidance_scale`` to every module built from a name that takes one, and
+    ``spec`` is anything :func:`guidance.resolve_guidance` reads from a string (a name, ``a+b`` names, terms of the
+    :mod:`guidance.spec` syntax such as ``cfg@interval=0.28,2``, JSON or ``LABEL=JSON``); ``scale`` is passed as
+    ``guidance_scale`` to every (innermost) module built from a name that takes one, and
     replaces ``"$scale"`` in configs. Constructor arguments that ``inputs`` provides are filled from it (GFCG's
     ``classifier``, LinearAG's ``coefficients``...); a required one it does not provide is a ``ValueError`` naming it.
     """
