@@ -82,6 +82,14 @@ def test_label_json_and_scale_placeholder():
         resolve_guidance('bad={"name": ')
 
 
+def test_spec_terms_are_read_by_the_same_resolver():
+    from guidance.spec import term_config
+
+    rule = resolve_guidance("nlg+cfg@interval=0.28,2", guidance_scale=3)
+    assert rule == ComposedGuidance([NLG(), from_config(term_config("cfg@interval=0.28,2", 3))])
+    assert rule.modules[1].base == CFG(3)
+
+
 def test_config_round_trip_of_a_composition_string():
     rule = resolve_guidance("nlg+apg+tag", guidance_scale=5)
     assert from_config(json.dumps(rule.config())) == rule
