@@ -78,21 +78,6 @@ def check_servable(pipe: Any, guidance: Guidance, family: Family, label_set: boo
         )
 
 
-def schedule_index(scheduler: Any, timestep: torch.Tensor) -> int:
-    """The scheduler's index of the evaluation at ``timestep`` (its ``step_index``, else its begin index, else the
-    timestep's position in ``scheduler.timesteps``), as the scheduler itself will resolve it in ``step``."""
-    index = getattr(scheduler, "step_index", None)
-    if index is not None:
-        return int(index)
-    begin = getattr(scheduler, "begin_index", None)
-    if begin is not None:
-        return int(begin)
-    if hasattr(scheduler, "index_for_timestep"):
-        return int(scheduler.index_for_timestep(timestep))
-    matches = (scheduler.timesteps == timestep.to(scheduler.timesteps.device)).nonzero()
-    return int(matches[0, 0]) if len(matches) else 0
-
-
 class GuidancePipelineMixin:
     """Properties of a pipeline while a guided call runs (``self._guidance`` is its :class:`Attachment`).
 
@@ -326,7 +311,7 @@ class _Call:
         return_dict = arguments.pop("return_dict", True)
         x = arguments.pop(self.sample_name)
         timestep = torch.as_tensor(arguments.get("timestep", 0)).reshape(-1)[0]
-        index = schedule_index(self.scheduler, timestep)
+        index = self.schedule_index(timestep)
         if 0 <= index < len(self.scheduler.timesteps):
             timestep = self.scheduler.timesteps[index]
         if self.run is None:
@@ -346,6 +331,25 @@ class _Call:
         else:
             out = self.sequential(x, tree, index, timestep, model_fn)
         return (out,) if return_dict is False else _output(module, out)
+
+    def schedule_index(self, timestep: torch.Tensor) -> int:
+        """The scheduler's index of this evaluation, as the scheduler resolves it in ``step``: its ``step_index``,
+        else its begin index; schedulers without either (DDIM, DDPM) are located once, at the first evaluation, by
+        the timestep's position in ``scheduler.timesteps``, and advance one evaluation at a time."""
+        scheduler = self.scheduler
+        index = getattr(scheduler, "step_index", None)
+        if index is not None:
+            return int(index)
+        begin = getattr(scheduler, "begin_index", None)
+        if begin is not None:
+            return int(begin)
+        if hasattr(scheduler, "index_for_timestep"):
+            return int(scheduler.index_for_timestep(timestep))
+        if self.run is not None:
+            return self.first_index + self.run.evaluations
+        matches = (scheduler.timesteps.cpu() == timestep.cpu()).nonzero()
+        self.first_index = int(matches[0, 0]) if len(matches) else 0
+        return self.first_index
 
     def latent_part(self, model_input: torch.Tensor) -> torch.Tensor:
         """The scheduler-sample channels of the model input (an inpainting UNet also reads mask channels)."""

@@ -324,7 +324,7 @@ def test_every_default_method_gives_the_same_images_and_nfe_at_batch_1_and_4(tmp
         assert main([*common, "--batch-size", str(batch), "-o", str(out)]) == 0
         runs[batch] = out
     one, four = rows(runs[1]), rows(runs[4])
-    assert [r["method"] for r in one] == default_methods() and len(one) == 11
+    assert [r["method"] for r in one] == default_methods() and len(one) == 11  # the 8 paper rules + interval, schedule, dynamic-cfg
     assert [r["cell"] for r in one] == [r["cell"] for r in four]
     for a, b in zip(one, four):
         assert a["nfe_per_image"] == b["nfe_per_image"], a["method"]

@@ -34,7 +34,7 @@ def generate(pipe, rule: Guidance, rows: list[int]):
 
 def default_rule(name: str, pipe) -> Guidance:
     """``name`` at its defaults; arguments without a default are what the tools supply."""
-    if name in ("gfcg", "dynamic-cfg"):  # DynamicCFG's default scorer is the guidance classifier
+    if name in ("gfcg", "dynamic-cfg"):
         return get_guidance(name, classifier=load_classifier())
     if name == "linear-ag":
         def run(guidance):
