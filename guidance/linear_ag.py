@@ -75,6 +75,13 @@ class LinearAG(AdaptiveGuidance):
     metadata as the run proceeds (before the evaluation is spent).
     """
 
+    inputs_help = (
+        "coefficients fitted on full-CFG runs of the same pipeline: fit = guidance.fit_linear_ag(run, steps=..., "
+        "model_id=..., scheduler=pipe.scheduler), then LinearAG(fit, model_id=..., scheduler=pipe.scheduler) or "
+        "get_guidance('linear-ag', coefficients=fit or 'path.safetensors', model_id=..., scheduler=...); "
+        "guidance-generate and guidance-evaluate fit them on the fly"
+    )
+
     def __init__(
         self,
         coefficients: str | os.PathLike | LinearAGCoefficients,

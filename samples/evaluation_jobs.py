@@ -4,11 +4,11 @@ Image ``i`` of every cell uses ``torch.Generator("cpu").manual_seed(seed + i)`` 
 pipeline call, so the batch it lands in does not matter) and class ``i % num_classes`` (text-to-image: prompt
 ``i % len(prompts)``). All cells share these seeds, so methods are compared on the same initial noise.
 
-A ``--methods`` entry is a registered name (built with ``guidance_scale=<scale>``), optionally with arguments and
-wrappers in the :mod:`guidance.spec` syntax (``cfg@interval=0.28,2``, ``cfg@schedule=cosine``: the scale goes to the
-innermost rule), names joined by ``+`` (composed in order; every module that takes ``guidance_scale`` gets the
-scale), or ``LABEL=JSON``: a guidance config
-(:func:`guidance.from_config`) in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
+A ``--guidance`` entry is read by the one resolver of :mod:`guidance.registry` (as in Python): a registered name
+(built with ``guidance_scale=<scale>``), optionally with arguments and wrappers in the :mod:`guidance.spec` syntax
+(``cfg@interval=0.28,2``, ``cfg@schedule=cosine``: the scale goes to the innermost rule), names joined by ``+``
+(composed in order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
+in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
 leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: GFCG's ``classifier`` (the guidance classifier,
 never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
 calibration images with other seeds, :func:`fit_coefficients`; at scale 1 CFG has no unconditional branch to
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -34,16 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from guidance import Guidance, available_guidance, from_config
-from guidance.registry import guidance_class
-from guidance.spec import parse_term, term_config
+from guidance import Guidance, available_guidance, resolve_guidance
+from guidance.registry import guidance_class, guidance_label, parse_guidance, supply, takes
+from guidance.spec import parse_term
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES
 from samples.features import DIGITS_SHAPE, to_uint8
 from samples.saturation import OVERSHOOT_MARGIN, clipped_fraction, saturation
-
-SCALE_PLACEHOLDER = "$scale"
-
 
 class UsageError(ValueError):
     """Bad input to the evaluation tool: reported as one line, exit status 2."""
@@ -75,89 +71,52 @@ class Cell:
     needs: frozenset[str] = frozenset()
 
 
-def _takes(cls: type, param: str) -> bool:
-    return param in inspect.signature(cls.__init__).parameters
-
-
-def _has_scale(cls: type) -> bool:
+def _has_scale(name: str) -> bool:
     """Whether a rule takes the scale: as ``guidance_scale``, or through coefficients fitted at it (LinearAG)."""
-    return _takes(cls, "guidance_scale") or _takes(cls, "coefficients")
+    return takes(name, "guidance_scale") or takes(name, "coefficients")
 
 
 def default_methods() -> list[str]:
     """Every registered method; a rule without a scale of its own is composed with CFG (``nlg+cfg``, ``cfg+tag``)."""
     methods = []
     for name in available_guidance():
-        cls = guidance_class(name)
-        if _has_scale(cls):
+        if _has_scale(name):
             methods.append(name)
         else:
-            methods.append(f"{name}+cfg" if cls.prepare_noise is not Guidance.prepare_noise else f"cfg+{name}")
+            noise_rule = guidance_class(name).prepare_noise is not Guidance.prepare_noise
+            methods.append(f"{name}+cfg" if noise_rule else f"cfg+{name}")
     return methods
 
 
-def _substitute(config: Any, scale: float) -> Any:
-    if config == SCALE_PLACEHOLDER:
-        return scale
-    if isinstance(config, dict):
-        return {key: _substitute(value, scale) for key, value in config.items()}
-    if isinstance(config, list):
-        return [_substitute(value, scale) for value in config]
-    return config
-
-
 def method_config(spec: str, scale: float) -> tuple[str, Any]:
-    """``(label, config)`` of a ``--methods`` entry at ``scale`` (see the module docstring)."""
-    label, sep, text = spec.partition("=")
-    if sep and text.lstrip().startswith(("{", "[")):
-        try:
-            return label, _substitute(json.loads(text), scale)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"method {label!r}: invalid JSON config ({error})") from None
-    parts, bases = [], []
-    for term in spec.split("+"):
-        try:
-            parts.append(term_config(term, scale))
-            bases.append(guidance_class(parse_term(term)[0][0]))
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-    if not any(_has_scale(cls) for cls in bases):
+    """``(label, config)`` of a ``--guidance`` entry at ``scale`` (:func:`guidance.registry.parse_guidance`).
+
+    Names joined by ``+`` must include one rule with a scale (the innermost rule of a wrapped term): a sweep over
+    scales is meaningless otherwise.
+    """
+    try:
+        label, config = parse_guidance(spec, scale)
+    except ValueError as error:
+        raise UsageError(f"method {spec!r}: {error}") from None
+    terms = [] if _is_config(spec) else spec.split("+")
+    if terms and not any(_has_scale(parse_term(term)[0][0]) for term in terms):
         raise UsageError(f"method {spec!r} has no guidance scale; compose it with a rule that has one, e.g. cfg+{spec}")
-    return spec, parts[0] if len(parts) == 1 else parts
+    return label, config
 
 
-def _fill(config: Any, inputs: dict[str, Any]) -> tuple[Any, set[str]]:
-    """``config`` with every :data:`SUPPLIED` argument a rule takes but lacks set from ``inputs`` (where given), and
-    the names of all such arguments."""
-    if isinstance(config, list):
-        filled = [_fill(item, inputs) for item in config]
-        return [item for item, _ in filled], set().union(*(names for _, names in filled))
-    if not isinstance(config, dict):
-        return config, set()
-    filled = {key: _fill(value, inputs) for key, value in config.items()}
-    out = {key: value for key, (value, _) in filled.items()}
-    needs = set().union(*(names for _, names in filled.values()))
-    name = out.get("name")
-    if isinstance(name, str) and name in available_guidance():  # not e.g. a scorer's {"name": "classifier", ...}
-        for param in SUPPLIED:
-            if param not in out and _takes(guidance_class(name), param):
-                needs.add(param)
-                if param in inputs:
-                    out[param] = inputs[param]
-    return out, needs
+def _is_config(spec: str) -> bool:
+    """Whether a ``--guidance`` entry is JSON or ``LABEL=JSON`` (rather than names and terms)."""
+    return spec.lstrip().startswith(("{", "[")) or guidance_label(spec) != spec.strip()
 
 
 def supplied_arguments(config: Any) -> frozenset[str]:
     """The :data:`SUPPLIED` arguments a config (dict, list, nested) leaves to the tool."""
-    try:
-        return frozenset(_fill(config, {})[1])
-    except ValueError:  # an unknown name: reported when the config is built
-        return frozenset()
+    return supply(config, {}, SUPPLIED)[1]
 
 
 def build_guidance(config: Any, inputs: dict[str, Any] | None = None) -> Guidance:
     """The guidance module of a cell's config, the :data:`SUPPLIED` arguments it lacks taken from ``inputs``."""
-    return from_config(_fill(config, inputs or {})[0])
+    return resolve_guidance(supply(config, inputs or {}, SUPPLIED)[0])
 
 
 def batch_coupled(config: Any) -> bool:

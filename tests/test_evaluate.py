@@ -281,7 +281,7 @@ def test_uncreatable_output_is_one_line_before_any_model_loads(tiny: Path, tmp_p
     for output in (blocker, blocker / "sub"):
         assert main(cli_args(tiny, output)) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("guidance-evaluate: error: --output") and str(output) in err and "\n" not in err
+        assert err.startswith("guidance-evaluate: error: --out ") and str(output) in err and "\n" not in err
 
 
 def test_non_finite_images_are_never_scored(tiny: Path, tmp_path: Path, capsys) -> None:
