@@ -27,7 +27,7 @@ from typing import Any  # noqa: E402
 
 DISTRIBUTION = "diffusion-guidance"
 #: an attribute only this distribution's top-level packages have (other PyPI distributions install the same names)
-OWN_ATTRIBUTES = {"guidance": "__distribution__", "pipelines": "GuidedClassConditionalPipeline"}
+OWN_ATTRIBUTES = {"guidance": "__distribution__", "pipelines": "__distribution__"}
 
 
 def check_packages(names: Sequence[str] = ("guidance", "pipelines")) -> None:
