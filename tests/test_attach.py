@@ -40,8 +40,6 @@ from tiny import (  # noqa: F401
     tiny_flux_components,
     tiny_inpainting_unet,
     tiny_sd3_components,
-    tiny_sd_components,
-    tiny_sdxl_components,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,16 +50,6 @@ TOLERANCE = 1e-5
 #: then gives g up to float32 rounding. The plain Flux pipeline's own run-to-run noise on this CPU is 0 (asserted
 #: below), so the bound is that rounding: measured 3e-7 on the decoded image.
 FLUX_TOLERANCE = 2e-6
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return tiny_sd_components(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return tiny_sdxl_components(tmp_path_factory.mktemp("sdxl"))
 
 
 @pytest.fixture(scope="module")
