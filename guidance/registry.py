@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from guidance.base import Guidance
@@ -39,6 +40,32 @@ def guidance_class(name: str) -> type[Guidance]:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown guidance {name!r}; available: {', '.join(available_guidance())}")
     return _REGISTRY[name]
+
+
+def takes_rule(outer: str, inner: str) -> bool:
+    """Whether the rule registered as ``outer`` takes a rule registered as ``inner`` as its constructor argument of
+    that name (GFCG's ``autoguidance=``): the command lines' ``outer+inner`` then nests ``inner`` in ``outer``."""
+    return inner in inspect.signature(guidance_class(outer).__init__).parameters
+
+
+def nested_rules(names: Sequence[str]) -> list[tuple[str, str | None]]:
+    """The names of a command-line spec (``a+b+c``) as ``(rule, nested rule or None)``: a name whose rule takes the
+    next one (:func:`takes_rule`) gets it nested, every other name stands alone (and the rules are composed)."""
+    out: list[tuple[str, str | None]] = []
+    index = 0
+    while index < len(names):
+        name = names[index]
+        inner = names[index + 1] if index + 1 < len(names) and takes_rule(name, names[index + 1]) else None
+        out.append((name, inner))
+        index += 1 if inner is None else 2
+    return out
+
+
+def nested_specs() -> list[str]:
+    """``outer+inner`` for every pair of registered rules where one takes the other (``gfcg+autoguidance``): the
+    combinations the command lines run by default besides the registered names."""
+    names = available_guidance()
+    return [f"{outer}+{inner}" for outer in names for inner in names if outer != inner and takes_rule(outer, inner)]
 
 
 def get_guidance(name: str, **config: Any) -> Guidance:

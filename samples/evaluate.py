@@ -57,7 +57,7 @@ from samples.features import (
     reference_extractor_id,
     to_uint8,
 )
-from samples.loading import DTYPES, SCHEDULERS, load_pipeline, set_scheduler
+from samples.loading import DTYPES, SCHEDULERS, load_guiding_model, load_pipeline, set_scheduler
 from samples.metrics import feature_statistics, frechet_distance_from_statistics
 from samples.precision_recall import K_DEFAULT, precision_recall
 from samples.saturation import DEFINITIONS, OVERSHOOT_MARGIN, saturation_kind
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inception-weights", help="inception-2015-12-05.pt (TorchScript; or set $GUIDANCE_INCEPTION_WEIGHTS)")
     add("--evaluator", help="evaluation network folder for FD-digits and class accuracy (default: the embedded one)")
     add("--classifier", help="guidance classifier folder for methods that take one, e.g. gfcg (default: embedded)")
+    add("--guiding-model", help="autoguidance's guiding model: a pipeline folder or hub id (default: "
+        "samples/weights/digits-weak for the embedded model)")
     add("--grid-per-class", type=int, default=2, help="images per class/prompt in each grid (default: %(default)s)")
     add("--device", help="torch device (default: the one accelerate assigns to this process)")
     add("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: %(default)s)")
@@ -129,6 +131,22 @@ def guidance_classifier(args: argparse.Namespace, task: Task, device: str) -> An
     if not weights.is_file():
         raise UsageError(f"guidance classifier not found: {weights}")
     return load_classifier(weights.parent).to(device)
+
+
+def guiding_model_path(args: argparse.Namespace) -> str | None:
+    """Autoguidance's guiding model (``--guiding-model``, or the weak digits checkpoint for the embedded model)."""
+    if args.guiding_model:
+        return args.guiding_model
+    embedded = Path(args.model).expanduser().resolve() == EMBEDDED_MODEL.resolve()
+    return str(WEIGHTS_DIR / "digits-weak") if embedded else None
+
+
+def guiding_model_id(path: str | None) -> str | None:
+    """The guiding model's path and the digests of its weight files (they enter the hash of its cells)."""
+    if path is None:
+        return None
+    files = sorted(Path(path).expanduser().glob("*/*.safetensors"))
+    return f"{path}:{','.join(file_digest(f) for f in files)}"
 
 
 def coefficients_path(out: Path, cell: Cell) -> Path:
@@ -294,12 +312,22 @@ def run(args: argparse.Namespace) -> int:
         "coefficients": f"fitted with CFG at the cell's scale on {CALIBRATION_IMAGES} calibration images",
         "model_id": args.model,
         "scheduler": scheduler,
+        "model": guiding_model_id(guiding_model_path(args)),
+        "prediction_type": "the guiding model's scheduler's prediction type",
     }
     material = fingerprint(args.model, pipe, task, args.dtype, args.shard_size)
     cells = plan_cells(args.methods or default_methods(), args.scales, material, supplied)
     inputs: dict[str, Any] = {"model_id": args.model, "scheduler": scheduler}
     if any("classifier" in cell.needs for cell in cells):
         inputs["classifier"] = guidance_classifier(args, task, device)
+    if any("model" in cell.needs for cell in cells):
+        guide = guiding_model_path(args)
+        if guide is None:
+            raise UsageError("autoguidance needs a guiding model: pass --guiding-model (a pipeline folder or hub id)")
+        try:
+            inputs["model"], inputs["prediction_type"] = load_guiding_model(guide, device, DTYPES[args.dtype])
+        except (OSError, ValueError) as error:
+            raise UsageError(str(error)) from None
     out = Path(args.output)
     check_manifest(out, extractor.id)
     plans = {cell.key: shards.plan(cell.key, args.num_samples, args.shard_size) for cell in cells}

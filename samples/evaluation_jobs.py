@@ -8,7 +8,8 @@ A ``--methods`` entry is a registered name (built with ``guidance_scale=<scale>`
 order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
 (:func:`guidance.from_config`) in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
 leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: GFCG's ``classifier`` (the guidance classifier,
-never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
+never the evaluation network), Autoguidance's ``model`` and ``prediction_type`` (the guiding model, ``--guiding-model``;
+``gfcg+autoguidance`` nests Autoguidance in GFCG, both at the cell's scale), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
 calibration images with other seeds, :func:`fit_coefficients`; at scale 1 CFG has no unconditional branch to
 estimate, so such a cell runs CFG at 1), ``model_id`` and ``scheduler``. A cell's folder name
 hashes everything its images depend on (model files, scheduler, steps, seed, dtype, prompts, guidance config, supplied
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from guidance import Guidance, available_guidance, from_config
-from guidance.registry import guidance_class
+from guidance.registry import guidance_class, nested_rules, nested_specs
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES
 from samples.features import DIGITS_SHAPE, to_uint8
@@ -49,7 +50,7 @@ class UsageError(ValueError):
 
 
 #: constructor arguments the tool supplies when a method's config leaves them out (see :func:`build_guidance`)
-SUPPLIED = ("classifier", "coefficients", "model_id", "scheduler")
+SUPPLIED = ("classifier", "coefficients", "model_id", "scheduler", "model", "prediction_type")
 #: fitted coefficients (LinearAG) are fitted on this many calibration images, with seeds this far from the sampled ones
 CALIBRATION_IMAGES = 100
 CALIBRATION_SEED_OFFSET = 1_000_003
@@ -77,7 +78,8 @@ def _has_scale(cls: type) -> bool:
 
 
 def default_methods() -> list[str]:
-    """Every registered method; a rule without a scale of its own is composed with CFG (``nlg+cfg``, ``cfg+tag``)."""
+    """Every registered method; a rule without a scale of its own is composed with CFG (``nlg+cfg``, ``cfg+tag``);
+    then the nested combinations (``gfcg+autoguidance``)."""
     methods = []
     for name in available_guidance():
         cls = guidance_class(name)
@@ -85,7 +87,7 @@ def default_methods() -> list[str]:
             methods.append(name)
         else:
             methods.append(f"{name}+cfg" if cls.prepare_noise is not Guidance.prepare_noise else f"cfg+{name}")
-    return methods
+    return methods + nested_specs()
 
 
 def _substitute(config: Any, scale: float) -> Any:
@@ -106,16 +108,18 @@ def method_config(spec: str, scale: float) -> tuple[str, Any]:
             return label, _substitute(json.loads(text), scale)
         except json.JSONDecodeError as error:
             raise UsageError(f"method {label!r}: invalid JSON config ({error})") from None
-    parts = []
-    for name in spec.split("+"):
-        try:
-            cls = guidance_class(name)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        parts.append({"name": name, "guidance_scale": scale} if _takes(cls, "guidance_scale") else {"name": name})
+    try:
+        parts = [_part(name, scale) | ({} if inner is None else {inner: _part(inner, scale)})
+                 for name, inner in nested_rules(spec.split("+"))]
+    except ValueError as error:  # an unknown name
+        raise UsageError(str(error)) from None
     if not any(_has_scale(guidance_class(part["name"])) for part in parts):
         raise UsageError(f"method {spec!r} has no guidance scale; compose it with a rule that has one, e.g. cfg+{spec}")
     return spec, parts[0] if len(parts) == 1 else parts
+
+
+def _part(name: str, scale: float) -> dict[str, Any]:
+    return {"name": name, "guidance_scale": scale} if _takes(guidance_class(name), "guidance_scale") else {"name": name}
 
 
 def _fill(config: Any, inputs: dict[str, Any]) -> tuple[Any, set[str]]:
@@ -182,7 +186,8 @@ def plan_cells(
                 # is conditional sampling, and the cell runs it as such (its config says so)
                 config, needs = {"name": "cfg", "guidance_scale": 1.0}, frozenset()
             if "coefficients" not in needs:
-                stand_ins = {"classifier": torch.nn.Identity(), "model_id": "", "scheduler": ""}
+                stand_ins = {"classifier": torch.nn.Identity(), "model_id": "", "scheduler": "",
+                             "model": torch.nn.Identity()}
                 try:
                     build_guidance(config, stand_ins)
                 except (TypeError, ValueError) as error:

@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers 
 
 import argparse
 import csv
+import functools
 import inspect
 import json
 import sys
@@ -37,10 +38,18 @@ from huggingface_hub.utils import logging as hub_logging
 from tqdm.auto import tqdm
 
 from guidance import Guidance, available_guidance, resolve_guidance
-from guidance.registry import guidance_class
+from guidance.registry import guidance_class, nested_rules, nested_specs
 from pipelines import GuidedClassConditionalPipeline
 from samples.grid import labelled_grid
-from samples.loading import DTYPES, SCHEDULERS, load_pipeline, pipeline_class, read_class_name, set_scheduler
+from samples.loading import (
+    DTYPES,
+    SCHEDULERS,
+    load_guiding_model,
+    load_pipeline,
+    pipeline_class,
+    read_class_name,
+    set_scheduler,
+)
 from samples.method_inputs import MethodInputs, fit_linear_ag_coefficients, generators
 
 _IMPORT_SECONDS = time.perf_counter() - _START
@@ -48,6 +57,7 @@ _IMPORT_SECONDS = time.perf_counter() - _START
 PROG = "guidance-generate"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED_MODEL = WEIGHTS_DIR / "digits"
+EMBEDDED_GUIDING_MODEL = WEIGHTS_DIR / "digits-weak"  # Autoguidance's guiding model for the embedded checkpoints
 
 # Defaults for the embedded digits model (chosen by looking at the grid; see the README).
 DIGITS_SCHEDULER = "ddim"
@@ -93,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-label", nargs="+", type=_class_label, help="class ids or names (default: every class)"
     )
     parser.add_argument(
-        "--guidance", nargs="+", help="guidance method name(s), or a+b to compose (default: every registered method)"
+        "--guidance", nargs="+",
+        help="guidance method name(s), or a+b to compose (a+b nests b when a takes it: gfcg+autoguidance) "
+        f"(default: every registered method and {', '.join(nested_specs())})",
+    )
+    parser.add_argument(
+        "--guiding-model",
+        help="pipeline folder or hub id of autoguidance's guiding model (default: samples/weights/digits-weak for "
+        "the embedded model, else none)",
     )
     parser.add_argument(
         "--scale", type=float,
@@ -163,29 +180,43 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def default_methods() -> list[str]:
+    """What the main job runs: every registered method, then the nested combinations (``gfcg+autoguidance``)."""
+    return available_guidance() + nested_specs()
+
+
 def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tuple[Guidance, list[str]]:
     """The guidance module for ``spec`` (a registered name, or names joined by ``+``), and the notes of its inputs.
 
     ``scale`` is passed as ``guidance_scale`` to every module that takes one. Constructor arguments that ``inputs``
-    provides are filled from it (GFCG's ``classifier``, LinearAG's ``coefficients``...); a required one that it does
-    not provide is a ``ValueError`` naming it.
+    provides are filled from it (GFCG's ``classifier``, LinearAG's ``coefficients``, Autoguidance's ``model``...); a
+    required one that it does not provide is a ``ValueError`` naming it. A name whose rule takes the next one
+    (``gfcg+autoguidance``) gets it as that argument; the others are composed.
     """
-    modules, notes = [], []
-    for name in spec.split("+"):
-        cls = guidance_class(name)
-        kwargs: dict[str, Any] = {}
-        for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            if param.name == "guidance_scale" and scale is not None:
-                kwargs["guidance_scale"] = scale
-            elif param.name in inputs:
-                kwargs[param.name] = inputs.get(param.name)
-                notes.extend([inputs.notes[param.name]] if param.name in inputs.notes else [])
-            elif param.default is param.empty:
-                raise ValueError(f"{name} needs {param.name}= (not available for this model; build it in Python)")
-        modules.append(cls(**kwargs))
+    notes: list[str] = []
+    modules = []
+    for name, inner in nested_rules(spec.split("+")):
+        given = {} if inner is None else {inner: _build_module(inner, scale, inputs, notes, {})}
+        modules.append(_build_module(name, scale, inputs, notes, given))
     return resolve_guidance(modules), notes
+
+
+def _build_module(
+    name: str, scale: float | None, inputs: MethodInputs, notes: list[str], given: dict[str, Any]
+) -> Guidance:
+    cls = guidance_class(name)
+    kwargs: dict[str, Any] = dict(given)
+    for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name in given:
+            continue
+        if param.name == "guidance_scale" and scale is not None:
+            kwargs["guidance_scale"] = scale
+        elif param.name in inputs:
+            kwargs[param.name] = inputs.get(param.name)
+            notes.extend([inputs.notes[param.name]] if param.name in inputs.notes else [])
+        elif param.default is param.empty:
+            raise ValueError(f"{name} needs {param.name}= (not available for this model; build it in Python)")
+    return cls(**kwargs)
 
 
 def _config(guidance: Guidance) -> Any:
@@ -336,6 +367,11 @@ def open_session(args: argparse.Namespace) -> Session:
     scale = args.scale if args.scale is not None else (DIGITS_SCALE if embedded else None)
 
     inputs = MethodInputs()
+    guide = args.guiding_model or (str(EMBEDDED_GUIDING_MODEL) if embedded else None)
+    if guide is not None:
+        guiding = functools.cache(lambda: load_guiding_model(guide, device, DTYPES[args.dtype]))
+        inputs.provide("model", make=lambda: (guiding()[0], f"guiding model {guide}"))
+        inputs.provide("prediction_type", make=lambda: (guiding()[1], ""))
     inputs.provide("model_id", model)
     inputs.provide("scheduler", pipe.scheduler)
     inputs.provide("coefficients", make=lambda: fit_linear_ag_coefficients(
@@ -400,7 +436,7 @@ def sample_methods(session: Session, methods: Sequence[tuple[str, Guidance, list
 def run(args: argparse.Namespace) -> int:
     """The job behind :func:`main` (arguments already parsed); 1 if a method failed while sampling, else 0."""
     start = time.perf_counter()
-    specs = args.guidance or available_guidance()
+    specs = args.guidance or default_methods()
     check_guidance_names(specs)
     session = open_session(args)
     header = describe(session, args)
