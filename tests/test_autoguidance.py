@@ -203,18 +203,24 @@ def test_gfcg_with_the_reference_forced_to_the_target_is_autoguidance_exactly(sc
     assert torch.equal(sample(mixture, scheduler, off, labels).latents, plain.latents)
 
 
-def reference_gfcg_autoguidance(mixture, bad, scheduler, labels, w, lam, w_max, form, steps=STEPS):
-    """GFCG + Autoguidance written here from gfcg.md §2-3 (eps space, DDIM), without our modules."""
+def reference_gfcg_autoguidance(mixture, bad, scheduler, labels, w, lam, w_max, form, reference, steps=STEPS):
+    """GFCG + Autoguidance written here from gfcg.md §2-3 (eps space, DDIM), without our modules; also returns the
+    number of reference rows (w_t > 0) of each sample."""
     scheduler.set_timesteps(steps)
     x = torch.randn(len(labels), 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     rows = torch.arange(len(labels))
+    active_rows = torch.zeros(len(labels))
     for t in scheduler.timesteps:
         alpha, sigma = mixture.alpha_sigma(float(t))
         eps_good = mixture.model_fn(x, t, labels)
         probs = torch.softmax(mixture.bayes_logits((x - sigma * eps_good) / alpha), 1)
         p_target = probs[rows, labels]
-        rival = probs.scatter(1, labels[:, None], -1.0).argmax(1)
-        w_t = (lam * (1 - p_target)).clamp(0, w_max)
+        if reference == "exclude_target":
+            rival = probs.scatter(1, labels[:, None], -1.0).argmax(1)
+        else:
+            rival = probs.argmax(1)
+        w_t = torch.where(rival == labels, 0.0, (lam * (1 - p_target)).clamp(0, w_max))
+        active_rows += w_t > 0
         if form == "shared_reference":
             label = torch.where(w_t > 0, rival, labels)
             eps_bad = bad.model_fn(x, t, label)
@@ -223,26 +229,35 @@ def reference_gfcg_autoguidance(mixture, bad, scheduler, labels, w, lam, w_max, 
             eps_bad, eps_ref = bad.model_fn(x, t, labels), bad.model_fn(x, t, rival)
             out = eps_bad + w * (eps_good - eps_bad) + w_t[:, None] * (eps_good - eps_ref)
         x = scheduler.step(out, t, x).prev_sample
-    return x
+    return x, active_rows
 
 
+@pytest.mark.parametrize("reference", ["exclude_target", "include_target"])
 @pytest.mark.parametrize("form", ["shared_reference", "additive"])
-def test_gfcg_autoguidance_matches_a_reference_written_from_the_spec(scheduler, form):
+def test_gfcg_autoguidance_matches_a_reference_written_from_the_spec(scheduler, form, reference):
     mixture = three_class(scheduler)
     bad_mixture = widened(mixture)
     labels = torch.tensor([0, 1, 2] * 4)
-    rule = GFCG(Bayes(mixture), guidance_scale=2.0, w_max=4.0, autoguidance=AutoGuidance(1.8, model=MixtureNet(
-        bad_mixture)), autoguidance_form=form)
+    rule = GFCG(Bayes(mixture), guidance_scale=2.0, w_max=4.0, reference=reference, autoguidance=AutoGuidance(
+        1.8, model=MixtureNet(bad_mixture)), autoguidance_form=form)
     result = sample(mixture, scheduler, rule, labels)
-    expected = reference_gfcg_autoguidance(mixture, bad_mixture, scheduler, labels, 1.8, 2.0, 4.0, form)
+    expected, active = reference_gfcg_autoguidance(mixture, bad_mixture, scheduler, labels, 1.8, 2.0, 4.0, form,
+                                                   reference)
     # the loop's x0 for the classifier uses the scheduler's float32 alphas, the reference the mixture's float64 ones
     torch.testing.assert_close(result.latents, expected, rtol=1e-7, atol=1e-7)
     assert (result.latents - sample(mixture, scheduler, AutoGuidance(1.8, model=MixtureNet(bad_mixture)),
                                     labels).latents).abs().max() > 1e-2  # the classifier's contrast acts
-    per_step = 2 if form == "shared_reference" else 3  # w_t > 0 on every row here (soft one_minus_p)
-    assert result.nfe == per_step * STEPS
-    assert result.nfe_per_network == {"main": STEPS, "guiding": (per_step - 1) * STEPS}
+    guiding = [STEPS] * len(labels) if form == "shared_reference" else (STEPS + active).long().tolist()
+    assert result.rows_per_network == {"main": [STEPS] * len(labels), "guiding": guiding}
+    assert 0 < active.sum() and (form == "shared_reference" or reference == "include_target" or active.min() == STEPS)
     assert result.model_calls == 2 * STEPS  # cond (read by the classifier), then one batched forward of the guide
+
+
+def test_gfcg_reference_default_depends_on_the_autoguidance_form(bad):
+    assert GFCG(nn.Identity()).reference == "exclude_target"
+    assert GFCG(nn.Identity(), autoguidance=AutoGuidance(2.0, model=bad)).reference == "include_target"
+    additive = GFCG(nn.Identity(), autoguidance=AutoGuidance(2.0, model=bad), autoguidance_form="additive")
+    assert additive.reference == "exclude_target"
 
 
 def test_gfcg_on_top_of_autoguidance_raises_bayes_accuracy(scheduler):
