@@ -97,6 +97,10 @@ def claims(rows: list[Row], steps: int) -> list[str]:
         lines.append(f"- Autoguidance {scale}: FD {ag.fd:.2f} vs unguided {unguided.fd:.2f} and CFG {cfg.fd:.2f}; "
                      f"recall {ag.recall:.3f} vs CFG {cfg.recall:.3f}: {'holds' if holds else 'does not hold'}")
     verdict = "holds" if any(first) else "DOES NOT HOLD"
+    other = table.get((f"{UNGUIDED} (other seed)", "w=1"))
+    if other is not None:
+        lines.append(f"- seed noise: unguided sampling from other initial noise has FD {other.fd:.2f} "
+                     f"({other.fd / unguided.fd - 1:+.1%} vs the same-seed unguided run)")
     lines.insert(0, f"Claim 1 (Autoguidance at some w > 1: FD-digits <= unguided, clearly (< 0.8x) below CFG's at "
                     f"the same w, recall above CFG's): **{verdict}** ({sum(first)} of {len(first)} scales)")
     second = []
@@ -183,9 +187,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     setup, bad, prediction_type = load_pair(args.weights, args.smoke)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(args.seed))
+    other_noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(args.seed + 1))
+    configurations = [(*run, noise) for run in runs(setup, bad, prediction_type, args)]
+    configurations.append((f"{UNGUIDED} (other seed)", "w=1", CFG(1.0), other_noise))  # the FD's seed noise
     rows = []
-    for method, scale, guidance in runs(setup, bad, prediction_type, args):
-        rows.append(measure(setup, method, scale, guidance, labels, noise, args.steps))
+    for method, scale, guidance, start in configurations:
+        rows.append(measure(setup, method, scale, guidance, labels, start, args.steps))
         r = rows[-1]
         print(f"{method:18s} {scale:6s} FD {r.fd:.3f} P {r.precision:.3f} R {r.recall:.3f} acc {r.accuracy:.4f} "
               f"NFE {r.nfe:g} {r.nfe_per_network} {r.seconds:.1f}s", flush=True)

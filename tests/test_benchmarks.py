@@ -71,6 +71,7 @@ def test_autoguidance_smoke_run_writes_every_configuration_and_the_claims(tmp_pa
     assert [(row.method, row.scale) for row in rows] == [
         ("unguided", "w=1"), ("CFG", "w=2"), ("Autoguidance", "w=2"), ("GFCG+Autoguidance", "w=2"),
         ("GFCG+Autoguidance (additive)", "w=2"), ("GFCG+Autoguidance (exclude_target)", "w=2"),
+        ("unguided (other seed)", "w=1"),
     ]
     # 3 DDIM steps: the guided rows spend one row of each network per step, CFG two of the main one
     assert [row.nfe_per_network for row in rows][:4] == [
