@@ -10,7 +10,7 @@ too):
 
 1. **Digits** (``samples/weights/digits``, deterministic DDIM, ``--steps`` steps, CFG scale ``--scale``): AG's
    threshold is proposed by :func:`guidance.ag_calibration.propose_threshold` from gamma curves recorded on 10
-   calibration images per class, so that on average ``--fraction`` of the steps are guided; LinearAG is fitted (:func:`guidance.linear_ag.fit_linear_ag`, history 1,
+   calibration images per class, so that on average ``--fraction`` of the steps are guided; LinearAG is fitted (:func:`guidance.linear_ag_fit.fit_linear_ag`, history 1,
    odd steps of the first half) on the calibration runs. Both use ``reduce="per-sample"``: the evaluation batch holds
    ``--per-class`` x 10 images and with ``"all"`` the slowest sample would hold the whole batch. Quality: mean PSNR
    of each method's images against CFG's (same initial noise; pixels in [0, 1], per-image MSE floored at 1e-10, i.e.
@@ -41,7 +41,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
 from guidance import CFG, AdaptiveGuidance, Guidance, LinearAG
 from guidance.ag_calibration import calibrate_threshold, propose_threshold, record_gammas
-from guidance.linear_ag import alternate_steps, fit_linear_ag
+from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 from pipelines import GuidedClassConditionalPipeline, GuidedStableDiffusionPipeline
 from samples.digits_data import NUM_CLASSES, load_digits_split
 from samples.digits_nets import WEIGHTS_DIR, DigitEvaluator, load_evaluator

@@ -64,8 +64,9 @@ class Row:
     nfe_per_network: dict[str, float] = field(default_factory=dict)  # NFE per sample of each network
 
 
-def load_setup(weights: Path, smoke: bool) -> Setup:
-    """The pipeline (DDIM from the saved scheduler config), guiding classifier, evaluator and real features."""
+def load_setup(weights: Path, smoke: bool, checkpoint: str = "digits-weak") -> Setup:
+    """The pipeline (``checkpoint`` under ``weights``, DDIM from its saved scheduler config), guiding classifier,
+    evaluator and real features."""
     from diffusers import DDIMScheduler
 
     if smoke:
@@ -80,11 +81,11 @@ def load_setup(weights: Path, smoke: bool) -> Setup:
         classifier, evaluator = DigitClassifier(width=8).eval(), DigitEvaluator(width=8, feature_dim=16).eval()
         source = "smoke: random tiny UNet and random classifiers (numbers meaningless)"
     else:
-        pipe = GuidedClassConditionalPipeline.from_pretrained(weights / "digits-weak")
+        pipe = GuidedClassConditionalPipeline.from_pretrained(weights / checkpoint)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         classifier, evaluator = load_classifier(weights / "classifier"), load_evaluator(weights / "evaluator")
         shown = weights.resolve().relative_to(ROOT) if weights.resolve().is_relative_to(ROOT) else weights
-        source = f"{shown}/digits-weak (guide: classifier/, evaluator: evaluator/)"
+        source = f"{shown}/{checkpoint} (guide: classifier/, evaluator: evaluator/)"
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         real = evaluator.features(load_digits_split().test_images)

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             extra = smoke_model(Path(tmp))
             work, results, samples = Path(tmp) / "run", RESULTS.with_name("quality_smoke"), 20
-        command = [*extra, "--scales", *SCALES, "-n", str(samples), "--steps", str(STEPS), "--batch-size", "500",
-                   "--shard-size", "500", "--seed", "0", "-o", str(work)]
+        command = [*extra, "--scale", *SCALES, "-n", str(samples), "--steps", str(STEPS), "--batch-size", "500",
+                   "--shard-size", "500", "--seed", "0", "--out", str(work)]
         start, cpu_start = time.perf_counter(), time.process_time()
         code = evaluate(command)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start

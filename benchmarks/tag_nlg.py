@@ -6,6 +6,7 @@ the evaluation network's features to the held-out test split, class accuracy is 
 table (markdown and CSV under ``benchmarks/results/``) gives every row's ratios to the unguided conditional base.
 
     python -m benchmarks.tag_nlg [--model samples/weights/digits] [--per-class 100] [--steps 25] [--scale 2]
+        [--only "ROW NAME" ...]  (only these rows, by their printed name; the base row is always run)
 """
 
 from __future__ import annotations
@@ -30,25 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def methods(
-    scale: float, eta: float, eta_cfg: float, nlg_max_norm: float
+    scale: float, eta: float, eta_cfg: float, nlg_max_norm: float, nlg_taus: list[float]
 ) -> dict[str, Callable[[], Guidance | list[Guidance]]]:
     """The compared rules; ``scale`` is diffusers' CFG scale w (APG's ``D_c + (w - 1) U`` is CFG at the same w).
 
-    NLG runs once with the official absolute clip tau = 0.5 and otherwise with ``nlg_max_norm``.
+    NLG runs once in the official configuration (absolute clip tau = 0.5, :meth:`NLG.official`) and otherwise at
+    its default (tau = 0.5 scaled to the image size), shown as ``nlg_max_norm``; ``nlg_taus`` add rows with other
+    absolute clips, and one row shows the default clip evaluated at the schedule's first timestep.
     """
-    tau = f"tau={nlg_max_norm:.3g}"
+    tau = f"default tau={nlg_max_norm:.3g}"
     return {
         "base (cond only)": lambda: CFG(1.0),
         f"TAG eta={eta:g}": lambda: [CFG(1.0), TAG(eta)],
         f"CFG w={scale:g}": lambda: CFG(scale),
         f"TAG-cfg w={scale:g} eta={eta_cfg:g}": lambda: TAGCFG(scale, eta=eta_cfg),
         f"TAG-cfg adaptive w={scale:g} eta={eta_cfg:g}": lambda: TAGCFG(scale, eta=eta_cfg, adaptive=True),
-        "NLG tau=0.5 (official, absolute)": lambda: [NLG(), CFG(1.0)],
-        f"NLG {tau}": lambda: [NLG(max_norm=nlg_max_norm), CFG(1.0)],
-        f"NLG {tau} + CFG w={scale:g}": lambda: [NLG(max_norm=nlg_max_norm), CFG(scale)],
-        f"NLG {tau} + APG w={scale:g} + TAG eta={eta:g}": lambda: [
-            NLG(max_norm=nlg_max_norm), APG(scale), TAG(eta)
-        ],
+        "NLG official (tau=0.5 absolute)": lambda: [NLG.official(), CFG(1.0)],
+        f"NLG {tau}": lambda: [NLG(), CFG(1.0)],
+        f"NLG {tau}, timestep=first": lambda: [NLG(timestep="first"), CFG(1.0)],
+        **{f"NLG tau={t:g} (absolute)": (lambda t=t: [NLG(max_norm=t), CFG(1.0)]) for t in nlg_taus},
+        f"NLG {tau} + CFG w={scale:g}": lambda: [NLG(), CFG(scale)],
+        f"NLG {tau} + APG w={scale:g} + TAG eta={eta:g}": lambda: [NLG(), APG(scale), TAG(eta)],
     }
 
 
@@ -75,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=2.0, help="CFG / APG / TAG-cfg scale w")
     parser.add_argument("--eta", type=float, default=1.15, help="TAG's tangential scale")
     parser.add_argument("--eta-cfg", type=float, default=1.0, help="TAG-cfg's additive eta")
-    parser.add_argument("--nlg-max-norm", type=float, default=None,
-                        help="NLG's clip tau (default: the official 0.5 scaled to the image size, scaled_max_norm)")
+    parser.add_argument("--nlg-taus", nargs="*", type=float, default=[], help="extra NLG rows with these clips")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these rows (exact names)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/tag_nlg"), help="output path without suffix")
@@ -93,10 +96,12 @@ def main(argv: list[str] | None = None) -> None:
         floor = frechet_distance(evaluator.features(data.train_images), test_features)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     config = pipe.unet.config
-    nlg_max_norm = args.nlg_max_norm or scaled_max_norm(config.in_channels * config.sample_size**2)
+    nlg_max_norm = scaled_max_norm(config.in_channels * config.sample_size**2)
 
     rows = []
-    for name, build in methods(args.scale, args.eta, args.eta_cfg, nlg_max_norm).items():
+    for index, (name, build) in enumerate(methods(args.scale, args.eta, args.eta_cfg, nlg_max_norm, args.nlg_taus).items()):
+        if index > 0 and args.only and name not in args.only:
+            continue
         rule = resolve_guidance(build())
         began = time.perf_counter()
         images, nfe = sample(pipe, rule, labels, args.seed, args.steps, args.batch)

@@ -6,7 +6,8 @@ predictions over all non-batch elements (in float32 or better),
     gamma_k = <p_c, p_u> / (||p_c|| ||p_u||),          p = x0 prediction (``space="x0"``, default) or raw output,
 
 and runs the wrapped rule (CFG, APG, ...) unchanged while ``gamma_k < threshold``. Once ``gamma_k >= threshold``
-(for every sample with ``reduce="all"``; sample by sample with ``reduce="per-sample"``) a one-way latch switches the
+(sample by sample with ``reduce="per-sample"``, the default; for every sample at once with ``reduce="all"``, which
+makes a sample's switch, image and NFE depend on its batch-mates) a one-way latch switches the
 remaining steps ``k+1 ... T-1`` to conditional-only steps (``out = out_c``, 1 NFE per sample): a switch after step k
 costs ``T + k + 1`` network evaluations instead of ``2T``.
 
@@ -23,14 +24,17 @@ no switch).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from guidance._validate import check_bool, check_choice, check_number
 from guidance.base import Branch, Guidance, Predictions, Step
-from guidance.registry import register, resolve_guidance
+from guidance.registry import register
 from guidance.spaces import MIN_COEFFICIENT, batch_dims, compute_dtype
+from guidance.wrap import resolve_base
 
 SPACES = ("x0", "output")
 REDUCTIONS = ("all", "per-sample")
@@ -51,22 +55,10 @@ def cosine_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_base(base: Any, guidance_scale: float | None) -> Guidance:
-    """The wrapped rule from a module, a registered name or a config dict (a name is built with ``guidance_scale``)."""
-    if isinstance(base, str) and not base.lstrip().startswith(("{", "[")) and guidance_scale is not None:
-        rule = resolve_guidance({"name": base, "guidance_scale": guidance_scale})
-    else:
-        rule = resolve_guidance(base)
-    scale = getattr(rule, "guidance_scale", None)
-    if guidance_scale is not None and scale != guidance_scale:
-        raise ValueError(f"guidance_scale={guidance_scale} contradicts the base rule's guidance_scale={scale}")
+    """The wrapped rule (:func:`guidance.wrap.resolve_base`); it must use the unconditional branch."""
+    rule = resolve_base(base, guidance_scale, "AdaptiveGuidance")
     if "uncond" not in rule.required_branches:
         raise ValueError(f"base must be a rule that uses the unconditional branch (CFG, APG, ...), got {rule!r}")
-    for hook in ("prepare_noise", "after_step"):
-        if rule.uses(hook):
-            raise ValueError(
-                f"base {rule!r} defines {hook}; AdaptiveGuidance wraps a combine rule only. "
-                f"List the other module next to it instead: [AdaptiveGuidance(...), <module with {hook}>]"
-            )
     return rule
 
 
@@ -79,12 +71,16 @@ class AdaptiveGuidance(Guidance):
     Args:
         base: the rule to run before the switch: a module (``CFG(5)``, ``APG(...)``), a registered name or a config
             dict (default ``"cfg"``).
-        threshold: gamma-bar in (0, 1] (default 0.991, the paper's value reported second-hand; calibrate it).
+        threshold: gamma-bar in (0, 1] (default 0.991, the paper's value reported second-hand, tuned for its
+            Stable Diffusion setting on outputs whose space the paper does not state; on x0 it was calibrated to
+            0.985-0.9994 on the digits model and 1 - 1e-6 on an SD-1.5-layout UNet: calibrate it,
+            :mod:`guidance.ag_calibration`).
         space: ``"x0"`` (default: cosine of the denoised predictions) or ``"output"`` (of the raw network outputs,
             e.g. epsilon).
-        reduce: ``"all"`` (default): switch the whole batch when every sample's gamma reached the threshold at the
-            same step; ``"per-sample"``: latch each sample on its own and evaluate the unconditional row only for
-            samples that have not switched.
+        reduce: ``"per-sample"`` (default): latch each sample on its own and evaluate the unconditional row only
+            for samples that have not switched, so a sample's image and NFE do not depend on which samples share its
+            batch; ``"all"``: switch the whole batch when every sample's gamma reached the threshold at the same step
+            (one policy per batch: results then **depend on the batching**, e.g. on the batch size).
         guidance_scale: builds ``base`` when it is a name; otherwise only checked against the base's own scale
             (``None``: the base's scale). Lets ``pipe(..., guidance="ag", guidance_scale=5)`` work.
         record_only: measure gamma at every step but never switch (calibration runs; the output is the base rule's).
@@ -100,7 +96,7 @@ class AdaptiveGuidance(Guidance):
         base: Guidance | str | dict[str, Any] = "cfg",
         threshold: float = 0.991,
         space: str = "x0",
-        reduce: str = "all",
+        reduce: str = "per-sample",
         guidance_scale: float | None = None,
         record_only: bool = False,
     ) -> None:
@@ -120,6 +116,12 @@ class AdaptiveGuidance(Guidance):
         self._switch_after: torch.Tensor | None = None  # per sample: last guided step (_NEVER: not switched)
         self.gamma_history: list[torch.Tensor] = []
         self.gamma_steps: list[int] = []
+
+    @classmethod
+    def couples_batch(cls, config: Mapping[str, Any]) -> bool:
+        """``reduce="all"`` (stated or by default) decides for the whole batch at once."""
+        default = inspect.signature(cls.__init__).parameters["reduce"].default
+        return config.get("reduce", default) == "all"
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _switched(self, step: Step) -> torch.Tensor:

@@ -15,8 +15,8 @@ A sample switches after the first step k with ``gamma_k >= threshold``, i.e. onc
 * ``target="quantile"``: the ``quantile`` over samples of ``M_{k*}`` at ``k* = ceil(f T) - 1``; with the median,
   half of the samples switch at or before k*. A higher quantile is more conservative (later switches).
 
-The proposals assume samples switch alone (``reduce="per-sample"``, or batches of one). With ``reduce="all"`` a batch
-waits for its slowest sample and switches later.
+The proposals assume samples switch alone (``reduce="per-sample"``, AG's default, or batches of one). With
+``reduce="all"`` a batch waits for its slowest sample and switches later.
 
 Usage (any pipeline of this library; ``run`` performs one call with the guidance it is given)::
 
@@ -29,7 +29,7 @@ Usage (any pipeline of this library; ``run`` performs one call with the guidance
 
     result = calibrate_threshold(run, base=CFG(4.0), fraction=0.5)
     print(result.threshold, result.switch_steps, result.mean_nfe_fraction)
-    rule = AdaptiveGuidance(CFG(4.0), threshold=result.threshold, reduce="per-sample")
+    rule = AdaptiveGuidance(CFG(4.0), threshold=result.threshold)
     pipe(class_labels=[3, 7], guidance=rule, num_inference_steps=30)
 """
 

@@ -27,33 +27,16 @@ Relation to diffusers' ``AdaptiveProjectedGuidance`` / ``normalized_guidance`` (
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from guidance._validate import check_choice, check_number
 from guidance.base import Branch, Guidance, Predictions, Step
 from guidance.registry import register
-from guidance.spaces import compute_dtype, per_sample_dot, reduction_dtype
+from guidance.spaces import clip_factor, compute_dtype, per_sample_dot, reduction_dtype, size_scaled
 
 #: SDXL's r = 15 (paper, Table 10) at 4x128x128 latent elements; the default scales it by sqrt(N / 65536)
 SDXL_NORM_THRESHOLD = 15.0
 SDXL_LATENT_ELEMENTS = 4 * 128 * 128
-
-
-def clip_factor(update: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per-sample ``min(1, r / ||M||)`` in float64 (float32 on MPS), shaped ``[B, 1, ..., 1]``; 1 for ``r = 0``
-    and for a zero update (no NaN)."""
-    dtype = reduction_dtype(update)
-    if threshold <= 0:
-        return torch.ones((update.shape[0],) + (1,) * (update.ndim - 1), dtype=dtype, device=update.device)
-    update = update.to(compute_dtype(update.dtype))
-    return torch.clamp(threshold * per_sample_dot(update, update, dtype=dtype).rsqrt(), max=1.0)  # 1/0 = inf -> 1
-
-
-def clip_norm(update: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``update * min(1, threshold / ||update||)`` per sample; a zero update stays zero."""
-    return update * clip_factor(update, threshold).to(update.dtype)
 
 
 def parallel_coefficient(update: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:
@@ -93,12 +76,15 @@ class APG(Guidance):
         norm_threshold: r, an absolute L2 norm in x0 units per sample; 0 turns the clip off. ``None`` (default) uses
             SDXL's r = 15 scaled to the sample size, ``15 * sqrt(N / 65536)`` for N elements per sample: 15 for SDXL
             (4x128x128), 7.5 for SD 1.5 at 512 px (4x64x64), 0.47 for the 8x8 digits model. It grows like sqrt(N)
-            because the norm sums over all elements.
-        momentum: beta of the reverse momentum (paper: -0.5); 0 turns it off.
+            because the norm sums over all elements (:func:`guidance.spaces.size_scaled`, the convention NLG's
+            default ``max_norm`` follows). Tuned on: SDXL (the paper's Table 10); an explicit value is absolute.
+        momentum: beta in (-1, 1) of the reverse momentum (paper: -0.5); 0 turns it off.
         momentum_per: ``"evaluation"`` advances the buffer at every model evaluation (paper-literal; a Heun step
             advances it twice) or ``"step"`` once per completed step [reconstruction: the paper does not discuss
             second-order samplers].
     """
+
+    scale_low = 1.0
 
     required_branches = frozenset({"cond", "uncond"})
 
@@ -113,7 +99,7 @@ class APG(Guidance):
         self.guidance_scale = check_number("guidance_scale", guidance_scale, low=1.0)
         self.eta = check_number("eta", eta)
         self.norm_threshold = None if norm_threshold is None else check_number("norm_threshold", norm_threshold, low=0)
-        self.momentum = check_number("momentum", momentum, low=-1.0, high=1.0, high_open=True)
+        self.momentum = check_number("momentum", momentum, low=-1.0, high=1.0, low_open=True, high_open=True)
         self.momentum_per = check_choice("momentum_per", momentum_per, ("evaluation", "step"))
         self.reset()
 
@@ -126,7 +112,7 @@ class APG(Guidance):
         """The clip radius r for samples shaped like ``sample`` (see ``norm_threshold``)."""
         if self.norm_threshold is not None:
             return self.norm_threshold
-        return SDXL_NORM_THRESHOLD * math.sqrt(sample[0].numel() / SDXL_LATENT_ELEMENTS)
+        return size_scaled(SDXL_NORM_THRESHOLD, sample[0].numel(), SDXL_LATENT_ELEMENTS)
 
     def branches(self, step: Step, preds: Predictions) -> list[Branch]:
         return [Branch("cond")] if self.guidance_scale == 1.0 else [Branch("uncond"), Branch("cond")]

@@ -66,6 +66,9 @@ class AutoGuidance(Guidance):
     and stop at the first evaluation whose output shape differs from the main network's.
     """
 
+    scale_low = 0.0
+    inputs_help = "the guiding denoiser; the command lines take it from --guiding-model"
+
     def __init__(
         self, guidance_scale: float = 2.0, model: torch.nn.Module | None = None, prediction_type: str | None = None
     ) -> None:

@@ -83,6 +83,8 @@ class Step:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     #: size of the pipeline's label set (the labels a ``ref`` branch may ask for); 0 without one
     num_labels: int = 0
+    #: the pipeline's scheduler (read-only: rules check what they were fitted on against it, e.g. LinearAG)
+    scheduler: Any = field(default=None, repr=False)
 
     @property
     def noise_level(self) -> float:
@@ -109,8 +111,10 @@ class Step:
 class NoiseContext(Protocol):
     """What :meth:`Guidance.prepare_noise` may use: model evaluations at the start of the schedule, and randomness."""
 
-    def step_for(self, noise: torch.Tensor) -> Step:
-        """The record of an evaluation at the schedule's first (highest) noise level with initial noise ``noise``."""
+    def step_for(self, noise: torch.Tensor, timestep: int | None = None) -> Step:
+        """The record of an evaluation with initial noise ``noise``: at the sampling schedule's first timestep, or
+        (``timestep`` given) at that training timestep with its alpha, sigma from the scheduler's ``alphas_cumprod``
+        and the unit-variance noise itself as the model input (VP-type schedulers)."""
 
     def evaluate(self, step: Step, branches: Sequence[Branch]) -> dict[str, torch.Tensor]:
         """Evaluate ``branches`` in one batched forward (counted in the NFE)."""
@@ -135,6 +139,11 @@ class Guidance:
     name: ClassVar[str] = ""
     #: branches this rule may request, so a pipeline can refuse it up front when it cannot provide one
     required_branches: ClassVar[frozenset[str]] = frozenset({"cond"})
+    #: what to pass for the constructor arguments without a default (shown when a rule built by name lacks them)
+    inputs_help: ClassVar[str] = ""
+    #: the smallest ``guidance_scale`` the rule accepts, for rules whose hooks read ``self.guidance_scale`` at call
+    #: time, so that :class:`~guidance.schedule.ScaleSchedule` may set it per step; ``None``: no such scale
+    scale_low: ClassVar[float | None] = None
 
     @property
     def networks(self) -> Mapping[str, Network]:
@@ -143,6 +152,13 @@ class Guidance:
 
     def reset(self) -> None:
         """Forget all per-generation state (called at the start of every generation)."""
+
+    @classmethod
+    def couples_batch(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a module built from ``config`` (this class's :meth:`config` dict) lets a sample's result depend
+        on the other samples of its batch. False for every rule at its defaults; tools that promise batch-independent
+        images (``guidance-evaluate``) key the runs of such a configuration by batch size."""
+        return False
 
     def prepare_noise(self, noise: torch.Tensor, context: NoiseContext) -> torch.Tensor:
         """Return the initial noise to sample from (unit variance in, unit variance out)."""
@@ -171,11 +187,8 @@ class Guidance:
     def config(self) -> dict[str, Any]:
         """Plain-dict configuration: ``{"name": ..., **constructor arguments}`` (JSON-serialisable where they are)."""
         out: dict[str, Any] = {"name": self.name}
-        for param in inspect.signature(type(self).__init__).parameters.values():
-            if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            value = getattr(self, param.name)
-            out[param.name] = value.config() if isinstance(value, Guidance) else value
+        for name, value in self._arguments().items():
+            out[name] = value.config() if isinstance(value, Guidance) else value
         return out
 
     def overrides(self, hook: str) -> bool:
@@ -186,6 +199,49 @@ class Guidance:
         """Whether running this guidance involves ``hook`` (the loop skips unused ``prepare_noise`` work)."""
         return self.overrides(hook)
 
+    def _arguments(self) -> dict[str, Any]:
+        """Every constructor argument as stored (unlike :meth:`config`, nothing is left out)."""
+        out = {}
+        for param in inspect.signature(type(self).__init__).parameters.values():
+            if param.name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                out[param.name] = getattr(self, param.name)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        """Rules are equal when they are of the same class with equal constructor arguments (``APG(3) == APG(3)``).
+
+        Arguments without a value equality of their own (tensors, networks such as GFCG's classifier) compare by
+        identity; per-generation state is not compared.
+        """
+        if not isinstance(other, Guidance):
+            return NotImplemented
+        return _frozen(self) == _frozen(other)
+
+    def __hash__(self) -> int:
+        return hash(_frozen(self))
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a configuration value: containers recursively, objects without value equality (tensors,
+    modules, unhashable objects) by identity."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Guidance):
+        return ("guidance", type(value), _frozen(value._arguments()))
+    if isinstance(value, Mapping):
+        return ("mapping", tuple(sorted((str(key), _frozen(item)) for key, item in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("sequence", tuple(_frozen(item) for item in value))
+    if isinstance(value, (set, frozenset)):
+        return ("set", frozenset(_frozen(item) for item in value))
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        return ("object", id(value))
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))
+    return value

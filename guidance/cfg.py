@@ -7,6 +7,9 @@ the model's output space:
 
     out = phi * out * std(out_c) / std(out) + (1 - phi) * out      (std per sample over all non-batch dims)
 
+A sample whose guided output has zero std (a constant) has nothing to rescale: its ratio is 1, where diffusers'
+``rescale_noise_cfg`` returns NaN (0/0).
+
 CFG is affine in the predictions, so it gives the same step in every prediction space (spaces.md §5).
 """
 
@@ -26,11 +29,13 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: fl
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, factor: float) -> torch.Tensor:
-    """Lin et al.'s rescale: blend ``guided`` with a copy whose per-sample std matches ``cond``'s by ``factor``."""
+    """Lin et al.'s rescale: blend ``guided`` with a copy whose per-sample std matches ``cond``'s by ``factor``
+    (ratio 1 for a sample whose guided std is zero)."""
     dims = batch_dims(guided)
     std_cond = cond.std(dim=dims, keepdim=True)
     std_guided = guided.std(dim=dims, keepdim=True)
-    rescaled = guided * (std_cond / std_guided)
+    ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
+    rescaled = guided * ratio
     return factor * rescaled + (1 - factor) * guided
 
 
@@ -42,6 +47,8 @@ class CFG(Guidance):
         guidance_scale: w >= 0; 1 evaluates the conditional branch only (1 NFE per step), as diffusers does.
         guidance_rescale: phi in [0, 1] of Lin et al.; 0 turns it off.
     """
+
+    scale_low = 0.0
 
     required_branches = frozenset({"cond", "uncond"})
 

@@ -143,8 +143,8 @@ def gfcg_combine(
 
 
 @torch.no_grad()
-def classify(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Class probabilities ``[B, K]``: softmax of ``classifier(images)`` in float32 or better, without autograd."""
+def classifier_logits(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``classifier(images)`` without autograd, checked to be finite logits ``[B, K]``, in float32 or better."""
     parameter = next(classifier.parameters(), None)
     if parameter is not None:
         images = images.to(device=parameter.device, dtype=parameter.dtype)
@@ -157,7 +157,12 @@ def classify(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
             "classifier returned non-finite logits (NaN or inf): its input, the decoded denoised estimate, or the "
             "classifier itself overflowed; run the classifier in float32 (the pipelines decode in float32)"
         )
-    return torch.softmax(logits.detach().to(compute_dtype(logits.dtype)), dim=1)
+    return logits.detach().to(compute_dtype(logits.dtype))
+
+
+def classify(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``[B, K]``: softmax of ``classifier(images)`` in float32 or better, without autograd."""
+    return torch.softmax(classifier_logits(classifier, images), dim=1)
 
 
 def _fill_rows(full: torch.Tensor, branch: Branch | None, part: torch.Tensor | None) -> torch.Tensor:
@@ -222,6 +227,8 @@ class GFCG(Guidance):
     CFG; with Autoguidance 2, one of each network), 1 classifier forward and 1 ``decode`` (a VAE decode for latent
     models).
     """
+
+    scale_low = 0.0
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """Noise-Level Guidance (Mannering, Huang, Prugel-Bennett, arXiv 2509.13936): refine the initial noise.
 
 Before sampling, K iterations on the unit-variance initial noise n (official notebooks / ``refine_noise``, nlg.md §3),
-each with one batched ``[uncond, cond]`` evaluation at the schedule's first noise level:
+each with one batched ``[uncond, cond]`` evaluation at the schedule's highest noise level (t = T - 1 = 999, as the
+official code does):
 
     d  = eps_c(n) - eps_u(n)                       ~ -sigma_T grad log p(y | n): ascent on log p(y | n)
     d  = d * min(1, tau / ||d||)                   per-sample clip (``max_norm`` = tau, eps units)
@@ -10,6 +11,10 @@ each with one batched ``[uncond, cond]`` evaluation at the schedule's first nois
 
 Sampling then runs unchanged with whatever combine rule is configured (the paper's main setting: no CFG). Cost: 2 NFE
 per iteration and sample, counted by the loop.
+
+The official clip tau = 0.5 is an absolute norm, while ``||d||`` grows like sqrt(D); the default therefore scales it
+to the sample size, ``0.5 * sqrt(D / 16384)`` (:func:`scaled_max_norm`, the convention of APG's default norm
+threshold); :meth:`NLG.official` gives the literal official configuration.
 
 The direction from other prediction types, at the same input x (spaces.md §2): v-prediction
 ``eps_c - eps_u = alpha (v_c - v_u)`` (the ``sigma x`` term cancels); x0-prediction
@@ -25,27 +30,30 @@ import math
 
 import torch
 
-from guidance._validate import check_bool, check_int, check_number
-from guidance.apg import clip_norm
+from guidance._validate import check_bool, check_choice, check_int, check_number
 from guidance.base import Branch, Guidance, NoiseContext, Step
 from guidance.registry import register
-from guidance.spaces import PREDICTION_TYPES, compute_dtype, per_sample_norm
+from guidance.spaces import PREDICTION_TYPES, clip_norm, compute_dtype, per_sample_norm, size_scaled
 
 #: the official noise *variance* lambda = 0.001 (``--noise_level``), as a standard deviation
 DEFAULT_NOISE_STD = math.sqrt(1e-3)
-#: the official clip tau = 0.5 and the latent size it was used at (SD2.1 at 768 px: 4x96x96, the README experiment)
+#: the official clip tau = 0.5 and the latent size the default scales it from: SD 1.5 at 512 px (4x64x64, the
+#: official SD-1.5 notebook; the README experiment runs SD2.1 at 4x96x96, where the size-scaled default is 0.75)
 REFERENCE_MAX_NORM = 0.5
-REFERENCE_ELEMENTS = 4 * 96 * 96
+REFERENCE_ELEMENTS = 4 * 64 * 64
+#: where the refinement evaluates the model: the schedule's highest noise level, or the first sampling timestep
+TIMESTEPS = ("max", "first")
 
 
 def scaled_max_norm(elements: int) -> float:
-    """The official clip ``0.5 * sqrt(elements / 36864)`` for ``elements`` per sample.
+    """The default clip ``0.5 * sqrt(elements / 16384)`` for ``elements`` per sample (:func:`size_scaled`).
 
-    ``max_norm`` is an absolute norm while the noise has norm sqrt(D), so the official 0.5 moves SD2.1's noise by at
-    most 0.26 % of its norm per iteration but an 8x8 image's (D = 64) by 6 %. This keeps the relative step
-    (0.0208 for the 8x8 digits, 0.333 for SD1.5's 4x64x64) [not in the paper: a transfer rule for other sizes].
+    ``max_norm`` is an absolute norm while the noise has norm sqrt(D), so the official 0.5 moves SD 1.5's noise by at
+    most 0.39 % of its norm per iteration but an 8x8 image's (D = 64) by 6 %. This keeps the relative step
+    (0.03125 for the 8x8 digits, 0.75 for SD2.1's 4x96x96, 1.0 for SDXL's 4x128x128) [not in the paper: a transfer
+    rule for other sizes].
     """
-    return REFERENCE_MAX_NORM * math.sqrt(elements / REFERENCE_ELEMENTS)
+    return size_scaled(REFERENCE_MAX_NORM, elements, REFERENCE_ELEMENTS)
 
 
 def noise_level_direction(cond: torch.Tensor, uncond: torch.Tensor, step: Step) -> torch.Tensor:
@@ -70,7 +78,7 @@ def refine_step(
     clamp: float | None = None,
     renormalize: bool = True,
 ) -> torch.Tensor:
-    """One NLG iteration: clip ``direction`` to ``max_norm`` per sample, step against it, add ``perturbation``,
+    """One NLG iteration: clip ``direction`` to ``max_norm`` per sample (``None``: no clip), step against it, add ``perturbation``,
     optionally clamp to ``[-clamp, clamp]`` (the official "boundary control") and rescale each sample to norm sqrt(D)."""
     if max_norm is not None:
         direction = clip_norm(direction, max_norm)
@@ -79,8 +87,9 @@ def refine_step(
         refined = refined + perturbation
     if clamp is not None:
         refined = refined.clamp(-clamp, clamp)
-    if renormalize:
-        refined = refined * (math.sqrt(refined[0].numel()) / per_sample_norm(refined))
+    if renormalize:  # a zero vector has no direction to rescale: it stays zero (no 0/0)
+        norm = per_sample_norm(refined)
+        refined = refined * torch.where(norm > 0, math.sqrt(refined[0].numel()) / norm, torch.ones_like(norm))
     return refined
 
 
@@ -91,19 +100,30 @@ class NLG(Guidance):
     Args:
         steps: refinement iterations K >= 0 (0: off, the noise is returned untouched).
         step_size: > 0, multiplies the clipped direction (official 1.0).
-        max_norm: per-sample clip tau > 0 of the direction, in eps units (official 0.5, set for SD2.1 latents with
-            D = 36,864; :func:`scaled_max_norm` keeps its relative size for other D); ``None``: no clip.
+        max_norm: per-sample clip tau >= 0 of the direction, in eps units, absolute; 0 turns the clip off. ``None``
+            (default) scales the official tau = 0.5 to the sample size, ``0.5 * sqrt(D / 16384)`` for D elements per
+            sample (:func:`scaled_max_norm`; tuned on: SD 1.5 at 512 px, 4x64x64): 0.5 for SD 1.5, 0.75 for SD2.1 at
+            768 px, 1.0 for SDXL, 0.03125 for the 8x8 digits model. Same convention as APG's default
+            ``norm_threshold``.
         noise_std: standard deviation >= 0 of the fresh Gaussian perturbation per iteration (0: none). The paper's
             code calls it a *variance*, lambda = 0.001, so the default is sqrt(0.001) ~ 0.0316.
-        renormalize: rescale each sample to norm sqrt(D) after every iteration (official: on).
+        renormalize: rescale each sample to norm sqrt(D) after every iteration (official: on; a zero vector stays
+            zero).
         clamp: clamp the noise to ``[-clamp, clamp]`` each iteration (official "boundary control", off by default;
             the code uses 3).
-        frozen_noise: add the *same* draw z at every iteration, as the official ``core_experiments`` code
-            accidentally does (nlg.md §6.1); default ``False`` draws fresh noise each iteration as the notebooks do.
+        frozen_noise: add the *same* draw z at every iteration of a pipeline call (official ``core_experiments``,
+            nlg.md §6.1); default ``False`` draws fresh noise each iteration as the notebooks do. z follows the
+            call's generator (per sample for a list of generators), so different seeds get different z; the official
+            code instead adds one z to every batch of the run (it restores numpy's RNG state around the draw), which
+            this option does not reproduce.
+        timestep: ``"max"`` (default, as the official code): evaluate the model at the highest training timestep
+            t = num_train_timesteps - 1 (999) with that timestep's alpha, sigma, whatever the sampling schedule;
+            ``"first"``: at the sampling schedule's first timestep (e.g. 981 for DDIM's ``leading`` 50-step
+            schedule) with that evaluation's alpha, sigma. Flow schedules start at s = 1, their highest level, so
+            both evaluate there.
 
-    The model is evaluated at the schedule's first timestep (999 for ``trailing`` spacing, 981 for DDIM's ``leading``
-    50-step schedule) with that evaluation's alpha, sigma. The perturbation follows the pipeline's ``generator``
-    (per sample for a list) without consuming it, so a seed gives the same refined noise and the same sampling noise.
+    The perturbation follows the pipeline's ``generator`` (per sample for a list) without consuming it, so a seed gives
+    the same refined noise and the same sampling noise.
     """
 
     required_branches = frozenset({"cond", "uncond"})
@@ -112,19 +132,34 @@ class NLG(Guidance):
         self,
         steps: int = 20,
         step_size: float = 1.0,
-        max_norm: float | None = 0.5,
+        max_norm: float | None = None,
         noise_std: float = DEFAULT_NOISE_STD,
         renormalize: bool = True,
         clamp: float | None = None,
         frozen_noise: bool = False,
+        timestep: str = "max",
     ) -> None:
         self.steps = check_int("steps", steps, low=0)
         self.step_size = check_number("step_size", step_size, low=0.0, low_open=True)
-        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_open=True)
+        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
         self.noise_std = check_number("noise_std", noise_std, low=0.0)
         self.renormalize = check_bool("renormalize", renormalize)
         self.clamp = None if clamp is None else check_number("clamp", clamp, low=0.0, low_open=True)
         self.frozen_noise = check_bool("frozen_noise", frozen_noise)
+        self.timestep = check_choice("timestep", timestep, TIMESTEPS)
+
+    @classmethod
+    def official(cls) -> NLG:
+        """The official code's configuration, literally (nlg.md §4): K = 20, step 1, the absolute clip tau = 0.5,
+        noise variance 0.001 drawn fresh each iteration, renormalisation on, no clamp, t = 999."""
+        return cls(steps=20, step_size=1.0, max_norm=REFERENCE_MAX_NORM, noise_std=DEFAULT_NOISE_STD,
+                   renormalize=True, clamp=None, frozen_noise=False, timestep="max")
+
+    def max_norm_for(self, noise: torch.Tensor) -> float | None:
+        """The clip tau for samples shaped like ``noise`` (see ``max_norm``); ``None`` when the clip is off."""
+        if self.max_norm is None:
+            return scaled_max_norm(noise[0].numel())
+        return self.max_norm if self.max_norm > 0 else None
 
     def uses(self, hook: str) -> bool:
         if hook == "prepare_noise":
@@ -135,8 +170,10 @@ class NLG(Guidance):
         if self.steps == 0:
             return noise
         refined = noise.to(compute_dtype(noise.dtype))
+        max_norm = self.max_norm_for(refined)
+        timestep = self._timestep(context, refined)
         for iteration in range(self.steps):
-            step = context.step_for(refined)
+            step = context.step_for(refined, timestep=timestep)
             preds = context.evaluate(step, [Branch("uncond"), Branch("cond")])
             direction = noise_level_direction(preds["cond"], preds["uncond"], step)
             perturbation = None
@@ -144,6 +181,13 @@ class NLG(Guidance):
                 salt = 0 if self.frozen_noise else iteration
                 perturbation = self.noise_std * context.randn_like(refined, salt=salt)
             refined = refine_step(
-                refined, direction, self.step_size, self.max_norm, perturbation, self.clamp, self.renormalize
+                refined, direction, self.step_size, max_norm, perturbation, self.clamp, self.renormalize
             )
         return refined.to(noise.dtype)
+
+    def _timestep(self, context: NoiseContext, noise: torch.Tensor) -> int | None:
+        """The training timestep to evaluate at (``None``: the schedule's first); see ``timestep``."""
+        first = context.step_for(noise)
+        if self.timestep == "first" or first.prediction_type == "flow":
+            return None
+        return int(first.scheduler.config.num_train_timesteps) - 1

@@ -1,24 +1,44 @@
-"""Guidance modules by name, so scripts and config files can swap them with a string.
+"""Guidance modules by name, so scripts, config files and command lines can swap them with a string.
 
-``get_guidance("apg", guidance_scale=5)`` builds one; ``resolve_guidance`` accepts a module, a name, a config dict
-(``{"name": "apg", ...}``), a JSON string of one, or a list of any of these (composed in order).
+One resolver for every place a guidance is accepted (pipelines, ``guidance-generate --guidance``,
+``guidance-evaluate --guidance``):
+
+* a module (``APG(5)``), used as given;
+* a registered name (``"apg"``), or names joined by ``+`` (``"nlg+apg+tag"``: composed in that order); each name may
+  carry arguments and wrappers in the :mod:`guidance.spec` syntax (``"cfg@interval=0.28,2"``);
+* a config dict (``{"name": "apg", "guidance_scale": 5}``), a list of them, or their JSON text;
+* ``LABEL=JSON`` (``"strong-apg={\\"name\\": \\"apg\\", \\"guidance_scale\\": 9}"``): a JSON config with a label
+  (the label names the method in tables and grids); in JSON configs the string ``"$scale"`` stands for the scale;
+* a list or tuple of any of these (composed in order).
+
+In ``a+b`` a rule that takes the next one as an argument of that name gets it nested instead of composed
+(``gfcg+autoguidance``: ``GFCG(autoguidance=AutoGuidance(...))``, both given the scale).
+
+``guidance_scale`` given to :func:`resolve_guidance` goes to every module built from a *name* whose constructor takes
+one (the innermost rule of a wrapped term), and replaces ``"$scale"`` in configs; configured modules and dicts carry their own scale. ``inputs`` supplies
+constructor arguments a config leaves out (GFCG's ``classifier``, LinearAG's ``coefficients`` ...). A rule whose
+required arguments are missing fails with a ``ValueError`` that names them and says what to pass.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from guidance.base import Guidance
 from guidance.compose import ComposedGuidance
 
 _REGISTRY: dict[str, type[Guidance]] = {}
+#: in a JSON config, this string stands for the scale (``guidance-evaluate`` sweeps it)
+SCALE_PLACEHOLDER = "$scale"
 
 
 def register(name: str) -> Callable[[type[Guidance]], type[Guidance]]:
     """Class decorator: make a guidance class available under ``name``."""
+    if not name or any(char in name for char in "+=@{}[] "):
+        raise ValueError(f"guidance name must be non-empty without '+', '=', '@', brackets or spaces, got {name!r}")
 
     def decorate(cls: type[Guidance]) -> type[Guidance]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -42,22 +62,82 @@ def guidance_class(name: str) -> type[Guidance]:
     return _REGISTRY[name]
 
 
-def takes_rule(outer: str, inner: str) -> bool:
-    """Whether the rule registered as ``outer`` takes a rule registered as ``inner`` as its constructor argument of
-    that name (GFCG's ``autoguidance=``): the command lines' ``outer+inner`` then nests ``inner`` in ``outer``."""
-    return inner in inspect.signature(guidance_class(outer).__init__).parameters
+def constructor_parameters(cls: type[Guidance]) -> dict[str, inspect.Parameter]:
+    """The named constructor arguments of ``cls`` (no ``self``, ``*args`` or ``**kwargs``)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
-def nested_rules(names: Sequence[str]) -> list[tuple[str, str | None]]:
-    """The names of a command-line spec (``a+b+c``) as ``(rule, nested rule or None)``: a name whose rule takes the
-    next one (:func:`takes_rule`) gets it nested, every other name stands alone (and the rules are composed)."""
-    out: list[tuple[str, str | None]] = []
-    index = 0
-    while index < len(names):
-        name = names[index]
-        inner = names[index + 1] if index + 1 < len(names) and takes_rule(name, names[index + 1]) else None
-        out.append((name, inner))
-        index += 1 if inner is None else 2
+def takes(name: str, argument: str) -> bool:
+    """Whether the rule registered under ``name`` takes the constructor argument ``argument``."""
+    return argument in constructor_parameters(guidance_class(name))
+
+
+def _is_json(text: str) -> bool:
+    return text.lstrip().startswith(("{", "["))
+
+
+def _load_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"guidance {what}: invalid JSON config ({error})") from None
+
+
+def substitute_scale(config: Any, guidance_scale: float | None) -> Any:
+    """``config`` with every ``"$scale"`` replaced by ``guidance_scale`` (a ``ValueError`` if one is left open)."""
+    if config == SCALE_PLACEHOLDER:
+        if guidance_scale is None:
+            raise ValueError(f"the guidance config uses {SCALE_PLACEHOLDER!r}; give a guidance scale for it")
+        return guidance_scale
+    if isinstance(config, dict):
+        return {key: substitute_scale(value, guidance_scale) for key, value in config.items()}
+    if isinstance(config, list):
+        return [substitute_scale(value, guidance_scale) for value in config]
+    return config
+
+
+def guidance_label(spec: str) -> str:
+    """The name a guidance string gives its method in tables and grids: the label of ``LABEL=JSON``, else the string."""
+    text = spec.strip()
+    label, sep, rest = text.partition("=")
+    return label.strip() if sep and not _is_json(text) and _is_json(rest) else text
+
+
+def parse_guidance(spec: str, guidance_scale: float | None = None) -> tuple[str, Any]:
+    """``(label, config)`` of a guidance string (see the module docstring); unknown names are a ``ValueError``.
+
+    Names get ``guidance_scale`` where their constructor takes one (when it is not ``None``); JSON configs get it in
+    place of ``"$scale"``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a guidance string must name a method, got {spec!r}")
+    text = spec.strip()
+    if _is_json(text):
+        return text, substitute_scale(_load_json(text, repr(text)), guidance_scale)
+    label, sep, rest = text.partition("=")
+    if sep and _is_json(rest):
+        if not label.strip():
+            raise ValueError(f"guidance {text!r}: expected LABEL=JSON, e.g. 'strong={{\"name\": \"apg\"}}'")
+        return guidance_label(text), substitute_scale(_load_json(rest, repr(label.strip())), guidance_scale)
+    from guidance.spec import term_config  # the term syntax builds on this module
+
+    parts = nest_rules([term_config(term, guidance_scale) for term in text.split("+")])
+    return text, parts[0] if len(parts) == 1 else parts
+
+
+def nest_rules(configs: list[Any]) -> list[Any]:
+    """The configs of a ``+``-joined string with each one whose rule takes the next one's rule as the argument of
+    that name nested into it (``gfcg+autoguidance``: GFCG's ``autoguidance=``); the others stay, to be composed."""
+    out: list[Any] = []
+    for config in configs:
+        previous = out[-1] if out else None
+        name = config.get("name") if isinstance(config, dict) else None
+        if isinstance(previous, dict) and isinstance(name, str) and name not in previous and isinstance(
+                previous.get("name"), str) and takes(previous["name"], name):
+            out[-1] = {**previous, name: config}
+        else:
+            out.append(config)
     return out
 
 
@@ -65,38 +145,109 @@ def nested_specs() -> list[str]:
     """``outer+inner`` for every pair of registered rules where one takes the other (``gfcg+autoguidance``): the
     combinations the command lines run by default besides the registered names."""
     names = available_guidance()
-    return [f"{outer}+{inner}" for outer in names for inner in names if outer != inner and takes_rule(outer, inner)]
+    return [f"{outer}+{inner}" for outer in names for inner in names if outer != inner and takes(outer, inner)]
+
+
+def supply(config: Any, inputs: Mapping[str, Any], names: Iterable[str] | None = None) -> tuple[Any, frozenset[str]]:
+    """``config`` with the constructor arguments it leaves out taken from ``inputs``, and the names of those arguments.
+
+    Only arguments named in ``names`` (default: the keys of ``inputs``) are considered, at every level of the config
+    (lists and nested module configs). An argument is read from ``inputs`` only when a rule takes it, so ``inputs``
+    may compute values lazily on first access. Arguments in ``names`` that a rule takes and ``inputs`` lacks are
+    returned too (and left out of the config).
+    """
+    wanted = tuple(inputs.keys() if names is None else names)
+    if isinstance(config, list):
+        filled = [supply(item, inputs, wanted) for item in config]
+        return [item for item, _ in filled], frozenset().union(*(used for _, used in filled))
+    if not isinstance(config, dict):
+        return config, frozenset()
+    filled = {key: supply(value, inputs, wanted) for key, value in config.items()}
+    out = {key: value for key, (value, _) in filled.items()}
+    used = set().union(*(names_ for _, names_ in filled.values()))
+    name = out.get("name")
+    if isinstance(name, str) and name in _REGISTRY:
+        params = constructor_parameters(_REGISTRY[name])
+        for argument in wanted:
+            if argument in params and argument not in out:
+                used.add(argument)
+                if argument in inputs:
+                    out[argument] = inputs[argument]
+    return out, frozenset(used)
+
+
+def _build(name: str, arguments: dict[str, Any]) -> Guidance:
+    """The rule ``name`` built from ``arguments``; unknown or missing arguments are a ``ValueError`` naming them."""
+    cls = guidance_class(name)
+    params = constructor_parameters(cls)
+    unknown = sorted(set(arguments) - set(params))
+    if unknown:
+        raise ValueError(
+            f"guidance {name!r} takes no argument {', '.join(map(repr, unknown))}; it takes: {', '.join(params)}"
+        )
+    missing = [p for p in params.values() if p.default is p.empty and p.name not in arguments]
+    if missing:
+        needed = ", ".join(f"{p.name}=" for p in missing)
+        hint = f" ({cls.inputs_help})" if cls.inputs_help else ""
+        raise ValueError(f"guidance {name!r} needs {needed}{hint}")
+    return cls(**arguments)
 
 
 def get_guidance(name: str, **config: Any) -> Guidance:
-    """Build the guidance registered under ``name`` with keyword ``config``."""
-    return guidance_class(name)(**config)
+    """Build the guidance ``name`` (a registered name, ``a+b`` names, JSON or ``LABEL=JSON``) with keyword ``config``.
+
+    For composed names every keyword goes to each module that takes it (``get_guidance("nlg+apg", guidance_scale=4)``
+    sets APG's scale); a keyword that no module takes is a ``ValueError``.
+    """
+    if isinstance(name, str) and name in _REGISTRY:
+        return _build(name, config)
+    _, parsed = parse_guidance(name)
+    filled, used = supply(parsed, config)
+    unused = sorted(set(config) - used)
+    if unused:
+        raise ValueError(f"guidance {name!r}: no module takes {', '.join(map(repr, unused))}")
+    return from_config(filled)
 
 
 def from_config(config: dict[str, Any] | list[Any] | str) -> Guidance:
     """Inverse of :meth:`Guidance.config`: a dict, a list of dicts, or their JSON text."""
     if isinstance(config, str):
-        config = json.loads(config)
+        config = _load_json(config, repr(config))
     if isinstance(config, list):
         return ComposedGuidance([from_config(item) for item in config])
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"a guidance config must be a dict with a 'name' key, got {config!r}")
     params = dict(config)
-    return get_guidance(params.pop("name"), **params)
+    return _build(params.pop("name"), params)
 
 
-def resolve_guidance(spec: Guidance | str | dict[str, Any] | list[Any] | tuple[Any, ...]) -> Guidance:
-    """Turn the ``guidance=`` argument of a pipeline into one :class:`Guidance`."""
+def resolve_guidance(
+    spec: Guidance | str | dict[str, Any] | list[Any] | tuple[Any, ...],
+    guidance_scale: float | None = None,
+    inputs: Mapping[str, Any] | None = None,
+) -> Guidance:
+    """Turn any accepted guidance spec (see the module docstring) into one :class:`Guidance`.
+
+    Args:
+        spec: a module, a name or ``a+b`` names, a config dict or list, JSON, ``LABEL=JSON``, or a list of these.
+        guidance_scale: for modules built from names (where they take one) and for ``"$scale"`` in configs.
+        inputs: constructor arguments to supply where a config leaves them out (e.g. ``{"classifier": net}``).
+    """
     if isinstance(spec, Guidance):
         return spec
-    if isinstance(spec, str):
-        return from_config(spec) if spec.lstrip().startswith(("{", "[")) else get_guidance(spec)
-    if isinstance(spec, dict):
-        return from_config(spec)
     if isinstance(spec, (list, tuple)):
-        items = [resolve_guidance(item) for item in spec]
-        return items[0] if len(items) == 1 else ComposedGuidance(items)
-    raise TypeError(
-        "guidance must be a Guidance module, a registered name, a config dict or a list of these; "
-        f"got {type(spec).__name__}"
-    )
+        modules: list[Guidance] = []
+        for item in spec:
+            rule = resolve_guidance(item, guidance_scale, inputs)
+            modules.extend(rule.modules if isinstance(rule, ComposedGuidance) else [rule])
+        return modules[0] if len(modules) == 1 else ComposedGuidance(modules)
+    if isinstance(spec, str):
+        config = parse_guidance(spec, guidance_scale)[1]
+    elif isinstance(spec, dict):
+        config = substitute_scale(spec, guidance_scale)
+    else:
+        raise TypeError(
+            "guidance must be a Guidance module, a registered name, a config dict or a list of these; "
+            f"got {type(spec).__name__}"
+        )
+    return from_config(supply(config, inputs or {})[0])

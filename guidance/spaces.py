@@ -21,6 +21,8 @@ All arithmetic runs in float32 or better (:func:`compute_dtype`); callers cast t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -94,3 +96,45 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None =
 def reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
     """float64 for precise per-sample reductions, float32 on MPS (which has no float64)."""
     return torch.float32 if tensor.device.type == "mps" else torch.float64
+
+
+def size_scaled(value: float, elements: int, reference_elements: int) -> float:
+    """``value * sqrt(elements / reference_elements)``: a norm tuned at ``reference_elements`` per sample, moved to
+    samples of ``elements``.
+
+    Per-sample L2 norms of noise-like tensors grow like sqrt(D) for D elements, so an absolute norm threshold tuned on
+    one latent size is too strong on smaller samples and too weak on larger ones; scaling by sqrt(D / D_ref) keeps
+    its size relative to the signal (APG's default ``norm_threshold``, NLG's default ``max_norm``).
+    """
+    return value * math.sqrt(elements / reference_elements)
+
+
+#: the eps of TAG's unit vector ``x / (||x|| + eps)`` (Cho et al., App. D)
+NORM_EPS = 1e-8
+#: floor of a norm we divide by where an additive eps would bias the result (a zero vector stays zero)
+TINY = 1e-30
+
+
+def clip_factor(update: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per-sample ``min(1, r / ||M||)`` in float64 (float32 on MPS), shaped ``[B, 1, ..., 1]``; 1 for ``r = 0``
+    and for a zero update (no NaN)."""
+    dtype = reduction_dtype(update)
+    if threshold <= 0:
+        return torch.ones((update.shape[0],) + (1,) * (update.ndim - 1), dtype=dtype, device=update.device)
+    update = update.to(compute_dtype(update.dtype))
+    return torch.clamp(threshold * per_sample_dot(update, update, dtype=dtype).rsqrt(), max=1.0)  # 1/0 = inf -> 1
+
+
+def clip_norm(update: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``update * min(1, threshold / ||update||)`` per sample; a zero update stays zero."""
+    return update * clip_factor(update, threshold).to(update.dtype)
+
+
+def radial_unit(x: torch.Tensor) -> torch.Tensor:
+    """``x / (||x|| + 1e-8)`` per sample over all non-batch dims (in ``x``'s dtype: pass float32 or better)."""
+    return x / (per_sample_norm(x) + NORM_EPS)
+
+
+def tangential_part(v: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """``P_perp v = v - <v, unit> unit`` per sample, for a unit vector ``unit`` (e.g. from :func:`radial_unit`)."""
+    return v - per_sample_dot(v, unit) * unit

@@ -31,10 +31,11 @@ restores the class. A pipeline whose layout is unknown (:mod:`pipelines.families
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from guidance.registry import resolve_guidance
 from pipelines.conditioning import BranchConditioning, batch_tree, take
 from pipelines.families import Family, family_of
 from pipelines.networks import check_guiding_module
-from pipelines.run import GuidedRun, ModelFn, RunReport, check_branches, network_functions
+from pipelines.run import GuidedRun, ModelFn, RunReport, check_branches, check_steps, network_functions
 from pipelines.schedulers import prediction_type_of, scheduler_family
 
 #: the ``true_cfg_scale`` an attached Flux call runs with; the second call's answer inverts the parent's combination
@@ -78,21 +79,6 @@ def check_servable(pipe: Any, guidance: Guidance, family: Family, label_set: boo
             f"{guidance!r} refines the initial noise (prepare_noise), but {type(pipe).__name__} {reason}; "
             "use it with a text-to-image pipeline of the batched families"
         )
-
-
-def schedule_index(scheduler: Any, timestep: torch.Tensor) -> int:
-    """The scheduler's index of the evaluation at ``timestep`` (its ``step_index``, else its begin index, else the
-    timestep's position in ``scheduler.timesteps``), as the scheduler itself will resolve it in ``step``."""
-    index = getattr(scheduler, "step_index", None)
-    if index is not None:
-        return int(index)
-    begin = getattr(scheduler, "begin_index", None)
-    if begin is not None:
-        return int(begin)
-    if hasattr(scheduler, "index_for_timestep"):
-        return int(scheduler.index_for_timestep(timestep))
-    matches = (scheduler.timesteps == timestep.to(scheduler.timesteps.device)).nonzero()
-    return int(matches[0, 0]) if len(matches) else 0
 
 
 class GuidancePipelineMixin:
@@ -184,8 +170,7 @@ class Attachment:
         kwargs = self._call_kwargs(dict(kwargs))
         check_servable(self.pipe, self.guidance, self.family, label_set is not None)
         if decode is None:
-            family, pipe, call_args = self.family, self.pipe, kwargs
-            decode = lambda latents: family.decode(pipe, call_args, latents)  # noqa: E731
+            decode = functools.partial(self.family.decode, self.pipe, kwargs)
         self.call = _Call(self, kwargs.get("generator"), label_set, target_labels, decode)
         call = self.call
         try:
@@ -200,8 +185,6 @@ class Attachment:
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments as the attached rule needs them (see the module docstring)."""
-        from pipelines.common import check_steps
-
         if "num_inference_steps" in kwargs:
             check_steps(kwargs["num_inference_steps"])
         if kwargs.get("guidance_rescale"):
@@ -262,29 +245,27 @@ class _Call:
         self.pending_cond: tuple[Any, ...] | None = None  # Flux: (step, preds, trace) of the conditional call
 
     # -- installing ----------------------------------------------------------------------------------------------
-    def installed(self) -> Any:
-        call = self
-
-        class _Installed:
-            def __enter__(self) -> None:
-                call.install()
-
-            def __exit__(self, *exc: Any) -> None:
-                call.uninstall()
-
-        return _Installed()
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The denoiser interception and the scheduler wrapper, for the duration of the call."""
+        self.install()
+        try:
+            yield
+        finally:
+            self.uninstall()
 
     def install(self) -> None:
         self.denoiser = denoiser_of(self.pipe)
         self.denoiser_class = type(self.denoiser)
-        forward = self.denoiser_class.forward
-        self.signature = inspect.signature(forward)
+        network = getattr(self.denoiser, "_orig_mod", self.denoiser)  # a torch.compile wrapper's module
+        self.signature = inspect.signature(type(network).forward)
         self.sample_name = list(self.signature.parameters)[1]
-        self.denoiser._guidance_call = self.intercept
+        self.denoiser.__dict__["_guidance_call"] = self.intercept  # not through a compile wrapper's __setattr__
         self.denoiser.__class__ = _intercepted_class(self.denoiser_class)
         self.scheduler = self.pipe.scheduler
         self.previous_step = self.scheduler.__dict__.get("step")  # a wrap of the user's own, kept under ours
         original = self.scheduler.step
+        self.step_signature = inspect.signature(original)
 
         @functools.wraps(original)
         def step(*args: Any, **kwargs: Any) -> Any:
@@ -294,7 +275,7 @@ class _Call:
 
     def uninstall(self) -> None:
         self.denoiser.__class__ = self.denoiser_class
-        del self.denoiser._guidance_call
+        del self.denoiser.__dict__["_guidance_call"]
         if self.previous_step is None:
             del self.scheduler.step
         else:
@@ -305,7 +286,7 @@ class _Call:
 
     # -- the scheduler -------------------------------------------------------------------------------------------
     def scheduler_step(self, original: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = self.step_signature.bind(*args, **kwargs)
         self.pending_cond = None
         if self.pending_sample is not None:
             bound.arguments["sample"], self.pending_sample = self.pending_sample, None
@@ -324,7 +305,7 @@ class _Call:
 
     # -- the denoiser --------------------------------------------------------------------------------------------
     def intercept(self, module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        bound = self.signature.bind(module, *args, **kwargs)
+        bound = self.signature.bind(None, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(self.signature.parameters)))  # self
         for name, param in self.signature.parameters.items():
@@ -333,7 +314,7 @@ class _Call:
         return_dict = arguments.pop("return_dict", True)
         x = arguments.pop(self.sample_name)
         timestep = torch.as_tensor(arguments.get("timestep", 0)).reshape(-1)[0]
-        index = schedule_index(self.scheduler, timestep)
+        index = self.schedule_index(timestep)
         if 0 <= index < len(self.scheduler.timesteps):
             timestep = self.scheduler.timesteps[index]
         if self.run is None:
@@ -365,6 +346,25 @@ class _Call:
 
         return guide_fn
 
+    def schedule_index(self, timestep: torch.Tensor) -> int:
+        """The scheduler's index of this evaluation, as the scheduler resolves it in ``step``: its ``step_index``,
+        else its begin index; schedulers without either (DDIM, DDPM) are located once, at the first evaluation, by
+        the timestep's position in ``scheduler.timesteps``, and advance one evaluation at a time."""
+        scheduler = self.scheduler
+        index = getattr(scheduler, "step_index", None)
+        if index is not None:
+            return int(index)
+        begin = getattr(scheduler, "begin_index", None)
+        if begin is not None:
+            return int(begin)
+        if hasattr(scheduler, "index_for_timestep"):
+            return int(scheduler.index_for_timestep(timestep))
+        if self.run is not None:
+            return self.first_index + self.run.evaluations
+        matches = (scheduler.timesteps.cpu() == timestep.cpu()).nonzero()
+        self.first_index = int(matches[0, 0]) if len(matches) else 0
+        return self.first_index
+
     def latent_part(self, model_input: torch.Tensor) -> torch.Tensor:
         """The scheduler-sample channels of the model input (an inpainting UNet also reads mask channels)."""
         config = self.denoiser.config
@@ -386,7 +386,7 @@ class _Call:
                 raise ValueError(f"the pipeline's batched CFG input has an odd number of rows ({rows})")
             half = rows // 2
             tree = self._deinterleave(tree, rows)
-            branches = {"uncond": take(tree, torch.arange(half)), "cond": take(tree, torch.arange(half, rows))}
+            branches = {"uncond": take(tree, slice(0, half)), "cond": take(tree, slice(half, rows))}
             model_input = x[half:]
         else:
             branches, model_input = {"cond": tree}, x

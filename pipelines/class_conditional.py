@@ -17,11 +17,12 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from guidance.base import Guidance, Network
-from pipelines.common import GuidedPipelineOutput, check_steps, pipeline_guidance
+from pipelines.common import GuidedPipelineOutput, pipeline_guidance
 from pipelines.conditioning import BranchConditioning
 from pipelines.families import decode_float32
 from pipelines.loop import LoopResult, denoise
 from pipelines.networks import check_guiding_module
+from pipelines.run import check_steps
 
 
 def scheduler_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:

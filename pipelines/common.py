@@ -15,7 +15,7 @@ from diffusers.utils import BaseOutput
 
 from guidance.base import Guidance
 from guidance.cfg import CFG
-from guidance.registry import guidance_class, resolve_guidance
+from guidance.registry import parse_guidance, resolve_guidance, takes
 from pipelines.attach import Attachment, GuidancePipelineMixin
 from pipelines.families import family_of
 from pipelines.run import RunReport
@@ -49,8 +49,9 @@ def pipeline_guidance(
     """The :class:`Guidance` for a pipeline call.
 
     ``guidance=None`` is diffusers' own CFG with ``guidance_scale`` and ``guidance_rescale`` (so the parent's arguments
-    keep their meaning). A registered name is built with ``guidance_scale`` when its constructor takes one. A module,
-    config dict or list is used as given and carries its own scale: passing ``guidance_scale`` too is an error.
+    keep their meaning). A guidance string (a registered name, ``a+b`` compositions, ``name@key=value`` terms) is built
+    with ``guidance_scale`` where a constructor takes one. A module, config dict, JSON or list is used as given and
+    carries its own scale: passing ``guidance_scale`` too is an error.
     """
     scale = default_scale if guidance_scale is None else guidance_scale
     if guidance is None:
@@ -60,24 +61,16 @@ def pipeline_guidance(
             return CFG(scale, guidance_rescale)
         raise ValueError("guidance_rescale applies to plain CFG only; configure it on the guidance module instead")
     if isinstance(guidance, str) and not guidance.lstrip().startswith(("{", "[")):
-        cls = guidance_class(guidance)
-        if "guidance_scale" in inspect.signature(cls.__init__).parameters:
-            return cls(guidance_scale=scale)
-        if guidance_scale is not None:
+        _, config = parse_guidance(guidance, scale)
+        names = [part["name"] for part in (config if isinstance(config, list) else [config])]
+        if guidance_scale is not None and not any(takes(name, "guidance_scale") for name in names):
             raise ValueError(f"guidance {guidance!r} takes no guidance_scale; got guidance_scale={guidance_scale}")
-        return cls()
+        return resolve_guidance(guidance, guidance_scale=scale)
     if guidance_scale is not None:
         raise ValueError(
             "guidance_scale was given together with a configured guidance module; set the scale on the module"
         )
     return resolve_guidance(guidance)
-
-
-def check_steps(num_inference_steps: object) -> int:
-    """``num_inference_steps`` must be a positive int."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    return num_inference_steps
 
 
 def label_targets(target_labels: Sequence[int] | None, num_labels: int, batch: int, per_prompt: int) -> torch.Tensor:

@@ -49,15 +49,16 @@ def batch_tree(tree: Any, rows: int, shared_names: Sequence[str] = ()) -> Any:
     return Shared(tree)
 
 
-def take(tree: Any, index: torch.Tensor) -> Any:
-    """The rows ``index`` of every batch-first leaf of ``tree`` (shared leaves unchanged)."""
+def take(tree: Any, index: torch.Tensor | slice) -> Any:
+    """The rows ``index`` (indices, or a slice: views, no copy) of every batch-first leaf of ``tree`` (shared
+    leaves unchanged)."""
     if isinstance(tree, Mapping):
         return {key: take(value, index) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(take(value, index) for value in tree)
     if isinstance(tree, Shared):
         return tree
-    return tree[index.to(tree.device)]
+    return tree[index if isinstance(index, slice) else index.to(tree.device)]
 
 
 def overlay(base: Any, overrides: Any) -> Any:
@@ -67,8 +68,19 @@ def overlay(base: Any, overrides: Any) -> Any:
     return overrides
 
 
+def unwrap(tree: Any) -> Any:
+    """``tree`` with its shared leaves unwrapped (no copy)."""
+    if isinstance(tree, Mapping):
+        return {key: unwrap(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(unwrap(value) for value in tree)
+    return tree.value if isinstance(tree, Shared) else tree
+
+
 def concat(trees: Sequence[Any]) -> Any:
     """Row-wise concatenation of keyword trees of the same structure; shared leaves are unwrapped."""
+    if len(trees) == 1:
+        return unwrap(trees[0])
     first = trees[0]
     if isinstance(first, Mapping):
         return {key: concat([tree[key] for tree in trees]) for key in first}

@@ -9,8 +9,9 @@ the step is complete. ``prepare_noise`` gets a :class:`~guidance.base.NoiseConte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -72,6 +73,13 @@ def derive_generator(generator: Generator, salt: int) -> Generator:
     probe.set_state(generator.get_state())
     base = int(torch.randint(0, 2**62, (1,), generator=probe))
     return torch.Generator(device=generator.device).manual_seed((base + 0x9E3779B97F4A7C15 * (salt + 1)) % 2**62)
+
+
+def check_steps(num_inference_steps: object) -> int:
+    """``num_inference_steps`` must be a positive int."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    return num_inference_steps
 
 
 def check_branches(guidance: Guidance, conditioning: BranchConditioning) -> None:
@@ -148,7 +156,7 @@ class GuidedRun:
             index=self.completed, num_steps=self.num_steps, evaluation=evaluation, first_stage=first_stage,
             timestep=timestep, alpha=alpha, sigma=sigma, sample=sample, prediction_type=self.adapter.prediction_type,
             batch_size=sample.shape[0], target_labels=conditioning.target_labels, decode=self.decode,
-            num_labels=conditioning.num_labels,
+            num_labels=conditioning.num_labels, scheduler=self.scheduler,
         )
 
     def forward(
@@ -195,7 +203,8 @@ class GuidedRun:
         active = [(b, r) for b, r in zip(branches, rows) if r.numel() > 0]
         if not active:
             return preds
-        x = torch.cat([model_input[r.to(model_input.device)] for _, r in active])
+        parts = [model_input if b.rows is None else model_input[r.to(model_input.device)] for b, r in active]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
         kwargs = conditioning.gather([b for b, _ in active], [r for _, r in active])
         out = model_fn(x, step.timestep, **kwargs)
         self.calls += 1
@@ -395,9 +404,19 @@ class _NoiseContext:
         self.run, self.index, self.timestep = run, index, timestep
         self.model_fn, self.conditioning = model_fn, conditioning
 
-    def step_for(self, noise: torch.Tensor) -> Step:
-        scale = self.run.init_noise_sigma * self.run.adapter.input_scale(self.index)
-        return self.run._record(self.index, self.timestep, noise * scale, self.conditioning, -1, True)
+    def step_for(self, noise: torch.Tensor, timestep: int | None = None) -> Step:
+        if timestep is None:
+            scale = self.run.init_noise_sigma * self.run.adapter.input_scale(self.index)
+            return self.run._record(self.index, self.timestep, noise * scale, self.conditioning, -1, True)
+        alphas_cumprod = getattr(self.run.scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None or not 0 <= timestep < len(alphas_cumprod):
+            raise ValueError(f"timestep must be a training timestep of a VP-type scheduler (alphas_cumprod), got "
+                             f"{timestep} for {type(self.run.scheduler).__name__}")
+        abar = float(alphas_cumprod[timestep])
+        first = torch.as_tensor(self.timestep)
+        t = torch.tensor(timestep, dtype=first.dtype, device=first.device)
+        step = self.run._record(self.index, t, noise, self.conditioning, -1, True)
+        return replace(step, alpha=math.sqrt(abar), sigma=math.sqrt(1 - abar))
 
     def evaluate(self, step: Step, branches: Sequence[Branch]) -> dict[str, torch.Tensor]:
         trace: dict[str, int] = {}

@@ -58,9 +58,14 @@ class SchedulerAdapter:
         self.family = scheduler_family(scheduler)
         self.num_evaluations = num_evaluations
         self.prediction_type = prediction_type_of(scheduler)
+        # host copies of the tables, read once per generation: no device synchronisation per evaluation
+        sigmas = getattr(scheduler, "sigmas", None)
+        self._sigmas = None if sigmas is None else torch.as_tensor(sigmas).detach().cpu()
+        timesteps = getattr(scheduler, "timesteps", None)
+        self._timesteps = None if timesteps is None else torch.as_tensor(timesteps).detach().cpu()
 
     def _sigma(self, index: int) -> float:
-        return float(self.scheduler.sigmas[index])  # type: ignore[attr-defined]
+        return float(self._sigmas[index])  # type: ignore[index]
 
     def alpha_sigma(self, index: int, timestep: torch.Tensor) -> tuple[float, float]:
         """Coefficients of the model input at evaluation ``index`` (timestep ``timestep``)."""
@@ -68,12 +73,14 @@ class SchedulerAdapter:
             s = self._sigma(index)
             return 1.0 - s, s
         if self.family == "multistep":
-            alpha, sigma = self.scheduler._sigma_to_alpha_sigma_t(self.scheduler.sigmas[index])  # type: ignore[attr-defined]
+            alpha, sigma = self.scheduler._sigma_to_alpha_sigma_t(self._sigmas[index])  # type: ignore[attr-defined]
             return float(alpha), float(sigma)
         if self.family == "ve":
             s = self._sigma(index)
             alpha = 1.0 / math.sqrt(s * s + 1.0)
             return alpha, s * alpha
+        if timestep.device.type != "cpu" and self._timesteps is not None and 0 <= index < len(self._timesteps):
+            timestep = self._timesteps[index]  # the same value, read from the host copy
         abar = float(self.scheduler.alphas_cumprod[int(timestep)])  # type: ignore[attr-defined]
         return math.sqrt(abar), math.sqrt(1.0 - abar)
 

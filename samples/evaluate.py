@@ -1,7 +1,7 @@
 """``guidance-evaluate``: FID-style evaluation of guidance methods across scales, sharded and resumable.
 
 For a model (the embedded 8x8 digits model by default, or a local pipeline folder / hub id), every method in
-``--methods`` at every scale in ``--scales`` is a *cell* of ``--num-samples`` images with per-image seeds
+``--guidance`` at every scale in ``--scale`` is a *cell* of ``--num-samples`` images with per-image seeds
 (:mod:`samples.evaluation_jobs`). Generation runs in shards (:mod:`samples.shards`) spread over the processes of
 ``accelerate launch`` / ``torchrun`` (one process without a launcher); each shard is written atomically and re-running
 the same command resumes. After all processes finish, process 0 extracts features (:mod:`samples.features`), computes
@@ -10,31 +10,38 @@ the metrics and writes the tables, plots and grids (:mod:`samples.evaluation_rep
 Metrics per cell: Frechet distance to the reference statistics (:mod:`samples.metrics`), precision and recall
 (k = 3, :mod:`samples.precision_recall`), class accuracy by the embedded evaluation network (digits only; never the
 classifier GFCG guides with), saturation (:mod:`samples.saturation`), NFE per image and images per second (per
-process). Bad input prints one ``guidance-evaluate: error:`` line and exits with status 2.
+process). Bad input (an uncreatable ``--output`` included, checked before any model loads) and a generation that
+must not be scored (non-finite images, a run the guidance refuses) print one ``guidance-evaluate: error:`` line and
+exit with status 2. Damaged shard files (checksum or load failure) are reported in one line each, moved aside and
+generated again.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from samples import cli  # first: quiet third-party start-up, and the package check
 
-import numpy as np
-import torch
-from diffusers.utils import logging as diffusers_logging
-from tqdm.auto import tqdm
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
-from samples import evaluation_report, shards
-from samples.digits_data import load_digits_split
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+from samples import evaluation_report, shards  # noqa: E402
+from samples.digits_data import load_heldout  # noqa: E402
+from samples.extras import MissingExtraError, require  # noqa: E402
 from samples.digits_nets import WEIGHTS_DIR, WEIGHTS_NAME, load_classifier
 from samples.evaluation_jobs import (
     CALIBRATION_IMAGES,
     Cell,
+    GenerationError,
     Task,
     UsageError,
     build_guidance,
@@ -57,7 +64,7 @@ from samples.features import (
     reference_extractor_id,
     to_uint8,
 )
-from samples.loading import DTYPES, SCHEDULERS, load_guiding_model, load_pipeline, set_scheduler
+from samples.loading import DTYPES, load_guiding_model, load_pipeline, set_scheduler
 from samples.metrics import feature_statistics, frechet_distance_from_statistics
 from samples.precision_recall import K_DEFAULT, precision_recall
 from samples.saturation import DEFINITIONS, OVERSHOOT_MARGIN, saturation_kind
@@ -69,26 +76,18 @@ MANIFEST = "run.json"
 FAIL_AFTER_ENV = "GUIDANCE_EVALUATE_FAIL_AFTER_SHARDS"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="FID-style evaluation of guidance methods across scales (see README).")
+    parser = cli.OneLineParser(prog=PROG, description="FID-style evaluation of guidance methods across scales (see README).")
     add = parser.add_argument
     add("--model", default=str(EMBEDDED_MODEL), help="pipeline folder or hub id (default: the embedded digits model)")
-    add("--methods", nargs="+", help="registered names, names joined by '+' (nlg+cfg), or LABEL=JSON config with "
-        "'$scale' for the scale (default: every registered method)")
-    add("--scales", nargs="+", type=float, default=[1.0, 2.0, 4.0], help="guidance scales (default: %(default)s)")
+    cli.add_shared_arguments(
+        parser, scale_help="guidance scales, one cell per method and scale (default: %(default)s)",
+        scale_default=[1.0, 2.0, 4.0], many_scales=True, steps=25, out="outputs/evaluation",
+        scheduler_help="swap the model's scheduler (default: ddim for the embedded model, else the model's own)",
+    )
     add("--num-samples", "-n", type=int, default=1000, help="images per method and scale (default: %(default)s)")
-    add("--seed", type=int, default=0, help="image i uses seed + i (default: %(default)s)")
-    add("--steps", type=int, default=25, help="sampling steps (default: %(default)s)")
-    add("--scheduler", choices=list(SCHEDULERS), help="swap the model's scheduler (default: ddim for the embedded "
-        "model, else the model's own)")
     add("--batch-size", type=int, default=250, help="images per pipeline call (default: %(default)s)")
     add("--shard-size", type=int, default=500, help="images per shard file (default: %(default)s)")
-    add("--output", "-o", default="outputs/evaluation", help="output folder (default: %(default)s)")
     add("--prompts", help="text-to-image: a .txt file (one prompt per line) or a .csv (column prompt/text/caption)")
     add("--reference", help="real images: a folder of images or a .npz with mu, sigma, extractor (+ features) "
         "(default for the embedded model: the digits held-out split)")
@@ -98,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inception-weights", help="inception-2015-12-05.pt (TorchScript; or set $GUIDANCE_INCEPTION_WEIGHTS)")
     add("--evaluator", help="evaluation network folder for FD-digits and class accuracy (default: the embedded one)")
     add("--classifier", help="guidance classifier folder for methods that take one, e.g. gfcg (default: embedded)")
-    add("--guiding-model", help="autoguidance's guiding model: a pipeline folder or hub id (default: "
-        "samples/weights/digits-weak for the embedded model)")
     add("--grid-per-class", type=int, default=2, help="images per class/prompt in each grid (default: %(default)s)")
     add("--device", help="torch device (default: the one accelerate assigns to this process)")
     add("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: %(default)s)")
@@ -108,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace) -> None:
+    try:
+        require("matplotlib", "eval", f"{PROG} (its plots)")
+    except MissingExtraError as error:
+        raise UsageError(str(error)) from None
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be >= 2 (a covariance needs two samples), got {args.num_samples}")
     for name in ("steps", "batch_size", "shard_size", "grid_per_class"):
@@ -115,6 +116,31 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.reference and not Path(args.reference).exists():
         raise UsageError(f"--reference {args.reference}: no such file or folder")
+    check_output(Path(args.out))
+
+
+def check_output(out: Path) -> None:
+    """Create the output folder (before any model loads) and check that files can be written in it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create or write the folder ({error.strerror or error})") from None
+
+
+def guiding_model_path(args: argparse.Namespace) -> str | None:
+    """Autoguidance's guiding model (``--guiding-model``, or the weak digits checkpoint for the embedded model)."""
+    embedded = Path(args.model).expanduser().resolve() == EMBEDDED_MODEL.resolve()
+    return cli.guiding_model(args.guiding_model, embedded)
+
+
+def guiding_model_id(path: str | None) -> str | None:
+    """The guiding model's path and the digests of its weight files (they enter the hash of its cells)."""
+    if path is None:
+        return None
+    files = sorted(Path(path).expanduser().glob("*/*.safetensors"))
+    return f"{path}:{','.join(file_digest(f) for f in files)}"
 
 
 def classifier_weights(args: argparse.Namespace) -> Path:
@@ -133,22 +159,6 @@ def guidance_classifier(args: argparse.Namespace, task: Task, device: str) -> An
     return load_classifier(weights.parent).to(device)
 
 
-def guiding_model_path(args: argparse.Namespace) -> str | None:
-    """Autoguidance's guiding model (``--guiding-model``, or the weak digits checkpoint for the embedded model)."""
-    if args.guiding_model:
-        return args.guiding_model
-    embedded = Path(args.model).expanduser().resolve() == EMBEDDED_MODEL.resolve()
-    return str(WEIGHTS_DIR / "digits-weak") if embedded else None
-
-
-def guiding_model_id(path: str | None) -> str | None:
-    """The guiding model's path and the digests of its weight files (they enter the hash of its cells)."""
-    if path is None:
-        return None
-    files = sorted(Path(path).expanduser().glob("*/*.safetensors"))
-    return f"{path}:{','.join(file_digest(f) for f in files)}"
-
-
 def coefficients_path(out: Path, cell: Cell) -> Path:
     """Where a cell's fitted LinearAG coefficients live (inside the cell's folder, so a resumed run reuses them)."""
     return out / cell.key / "linear_ag_coefficients.safetensors"
@@ -161,7 +171,7 @@ def check_manifest(out: Path, extractor_id: str) -> None:
         found = json.loads(path.read_text()).get("extractor")
         if found != extractor_id:
             raise UsageError(f"{out} holds results made with extractor {found}; this run uses {extractor_id}: "
-                             "results of different extractors are never merged (use another --output)")
+                             "results of different extractors are never merged (use another --out)")
 
 
 def write_manifest(out: Path, meta: dict[str, Any]) -> None:
@@ -177,7 +187,7 @@ def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard
     by_key = {cell.key: cell for cell in cells}
     fail_after = int(os.environ.get(FAIL_AFTER_ENV) or 0)
     modules: dict[str, Any] = {}
-    with tqdm(total=sum(s.count for s in todo), unit="img", desc="generate", disable=not show) as bar:
+    with cli.progress(sum(s.count for s in todo), "generate", "img", quiet=not show) as bar:
         for written, shard in enumerate(todo, start=1):
             cell = by_key[shard.cell]
             if cell.key not in modules:
@@ -185,7 +195,10 @@ def run_shards(pipe: Any, task: Task, cells: list[Cell], todo: list[shards.Shard
                 modules[cell.key] = build_guidance(cell.config, cell_inputs)
             bar.set_postfix_str(f"{cell.method} w={cell.scale:g}")
             start = time.perf_counter()
-            arrays = generate(pipe, task, modules[cell.key], shard.indices, batch_size)
+            try:
+                arrays = generate(pipe, task, modules[cell.key], shard.indices, batch_size)
+            except (GenerationError, FloatingPointError, ValueError) as error:  # never a half-scored cell
+                raise GenerationError(f"{cell.method} w={cell.scale:g}, shard {shard.path(root).name}: {error}") from None
             arrays["seconds"] = np.array(time.perf_counter() - start)
             shards.write_shard(root, shard, arrays)
             bar.update(shard.count)
@@ -219,7 +232,7 @@ def dry_run(pipe: Any, task: Task, cells: list[Cell], plans: dict[str, list[shar
     pending = {cell.key: sum(s.count for s in todo if s.cell == cell.key) for cell in cells}
     seconds = sum(per_image[cell.method] * pending[cell.key] for cell in cells) / world
     methods = len(per_image)
-    return (f"{len(cells)} cells ({methods} methods x {len(args.scales)} scales) x {args.num_samples} images = "
+    return (f"{len(cells)} cells ({methods} methods x {len(args.scale)} scales) x {args.num_samples} images = "
             f"{len(cells) * args.num_samples} images in {sum(map(len, plans.values()))} shards; pending: "
             f"{sum(pending.values())} images in {len(todo)} shards\nestimated generation time: {seconds / 60:.1f} min "
             f"on {world} process(es) (each method timed on batches of {sizes[0]} and {sizes[1]} images, "
@@ -232,7 +245,7 @@ def load_reference(args: argparse.Namespace, task: Task, extractor: FeatureExtra
         return folder_reference(args.reference, extractor, task.image_shape)
     if args.reference:
         return read_reference_npz(args.reference, extractor.id)
-    images = to_uint8(load_digits_split().test_images)
+    images = to_uint8(load_heldout()[0])
     return Reference.from_features(extractor.extract(images), extractor.id, f"digits held-out split ({len(images)})")
 
 
@@ -296,6 +309,12 @@ def setup(args: argparse.Namespace, device: str) -> tuple[Any, Task, FeatureExtr
     return pipe, task, extractor, accuracy_net
 
 
+def report_damaged(moved: list[tuple[Path, str]]) -> None:
+    """One line per damaged shard that was moved aside."""
+    for target, reason in moved:
+        print(f"{PROG}: damaged shard: {reason}; moved to {target.name}, it is generated again", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
@@ -316,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         "prediction_type": "the guiding model's scheduler's prediction type",
     }
     material = fingerprint(args.model, pipe, task, args.dtype, args.shard_size)
-    cells = plan_cells(args.methods or default_methods(), args.scales, material, supplied)
+    cells = plan_cells(args.guidance or default_methods(), args.scale, material, supplied, args.batch_size)
     inputs: dict[str, Any] = {"model_id": args.model, "scheduler": scheduler}
     if any("classifier" in cell.needs for cell in cells):
         inputs["classifier"] = guidance_classifier(args, task, device)
@@ -328,10 +347,14 @@ def run(args: argparse.Namespace) -> int:
             inputs["model"], inputs["prediction_type"] = load_guiding_model(guide, device, DTYPES[args.dtype])
         except (OSError, ValueError) as error:
             raise UsageError(str(error)) from None
-    out = Path(args.output)
+    out = Path(args.out)
     check_manifest(out, extractor.id)
     plans = {cell.key: shards.plan(cell.key, args.num_samples, args.shard_size) for cell in cells}
-    todo = shards.pending(out, [shard for plan in plans.values() for shard in plan])
+    planned = [shard for plan in plans.values() for shard in plan]
+    if state.is_main_process:
+        report_damaged(shards.quarantine(out, planned))
+    state.wait_for_everyone()  # damaged shards are out of the way before any process lists the pending ones
+    todo = shards.pending(out, planned)
     if args.dry_run:
         message = dry_run(pipe, task, cells, plans, todo, inputs, args, state.num_processes)
         if state.is_main_process:
@@ -348,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
                 fit_coefficients(pipe, task, cell.scale, args.model, path, args.batch_size)
     state.wait_for_everyone()  # fitted coefficients are on disk before any process builds its guidance
     mine = shards.assign(todo, state.process_index, state.num_processes)
-    run_shards(pipe, task, cells, mine, out, inputs, args.batch_size, state.is_main_process)
+    run_shards(pipe, task, cells, mine, out, inputs, args.batch_size, state.is_main_process and not args.quiet)
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
@@ -356,8 +379,15 @@ def run(args: argparse.Namespace) -> int:
     reference = load_reference(args, task, extractor)
     if args.save_reference:
         reference.save(args.save_reference)
-    rows = [cell_metrics(out, cell, plans[cell.key], extractor, accuracy_net, reference)
-            for cell in tqdm(cells, desc="metrics", unit="cell")]
+    rows = []
+    try:
+        with cli.progress(len(cells), "metrics", "cells", quiet=args.quiet) as bar:
+            for cell in cells:
+                rows.append(cell_metrics(out, cell, plans[cell.key], extractor, accuracy_net, reference))
+                bar.update()
+    except shards.DamagedShardError as error:  # damaged after this run's check: set it aside for the next run
+        report_damaged(shards.quarantine(out, planned))
+        raise GenerationError(f"{error}; run the same command again to regenerate it") from None
     kind = saturation_kind(task.image_shape[0])
     meta = {
         "extractor": extractor.id,
@@ -368,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
         "overshoot_fraction": f"fraction of decoded pixel values more than {OVERSHOOT_MARGIN} outside [-1,1]",
         "precision_recall_k": K_DEFAULT,
         "settings": {"model": args.model, "num_samples": args.num_samples, "seed": args.seed, "steps": args.steps,
-                     "scheduler": type(pipe.scheduler).__name__, "scales": args.scales,
+                     "scheduler": type(pipe.scheduler).__name__, "scales": args.scale,
                      "processes": state.num_processes},
     }
     evaluation_report.write_tables(rows, meta, out)
@@ -376,7 +406,9 @@ def run(args: argparse.Namespace) -> int:
     by_method: dict[str, list[tuple[float, list[shards.Shard]]]] = {}
     for cell in cells:
         by_method.setdefault(cell.method, []).append((cell.scale, plans[cell.key]))
-    evaluation_report.write_method_grids(out, by_method, task.column_labels, args.grid_per_class, args.num_samples)
+    title = f"{Path(args.model.rstrip('/')).name or args.model}, {scheduler}, {args.steps} steps, one row per scale"
+    evaluation_report.write_method_grids(out, by_method, task.column_labels, args.grid_per_class, args.num_samples,
+                                         title)
     print(evaluation_report.markdown_table(rows))
     print(f"extractor: {extractor.id}; wrote {out / 'results.csv'}, results.json, plots and grids")
     return 0
@@ -386,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except UsageError as error:
+    except (UsageError, GenerationError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
 

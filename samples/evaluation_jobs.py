@@ -4,23 +4,26 @@ Image ``i`` of every cell uses ``torch.Generator("cpu").manual_seed(seed + i)`` 
 pipeline call, so the batch it lands in does not matter) and class ``i % num_classes`` (text-to-image: prompt
 ``i % len(prompts)``). All cells share these seeds, so methods are compared on the same initial noise.
 
-A ``--methods`` entry is a registered name (built with ``guidance_scale=<scale>``), names joined by ``+`` (composed in
-order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
-(:func:`guidance.from_config`) in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
-leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: GFCG's ``classifier`` (the guidance classifier,
-never the evaluation network), Autoguidance's ``model`` and ``prediction_type`` (the guiding model, ``--guiding-model``;
-``gfcg+autoguidance`` nests Autoguidance in GFCG, both at the cell's scale), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
+A ``--guidance`` entry is read by the one resolver of :mod:`guidance.registry` (as in Python): a registered name
+(built with ``guidance_scale=<scale>``), optionally with arguments and wrappers in the :mod:`guidance.spec` syntax
+(``cfg@interval=0.28,2``, ``cfg@schedule=cosine``: the scale goes to the innermost rule), names joined by ``+``
+(composed in order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
+in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
+leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: Autoguidance's ``model`` and ``prediction_type``
+(the guiding model, ``--guiding-model``; ``gfcg+autoguidance`` nests it in GFCG, both at the cell's scale), GFCG's
+``classifier`` (the guidance classifier,
+never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
 calibration images with other seeds, :func:`fit_coefficients`; at scale 1 CFG has no unconditional branch to
 estimate, so such a cell runs CFG at 1), ``model_id`` and ``scheduler``. A cell's folder name
 hashes everything its images depend on (model files, scheduler, steps, seed, dtype, prompts, guidance config, supplied
-arguments, shard size), so a changed setting never reuses stale shards.
+arguments, shard size, device type, and the batch size for configs whose rule couples a batch's samples,
+:func:`batch_coupled`), so a changed setting never reuses stale shards.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -32,18 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from guidance import Guidance, available_guidance, from_config
-from guidance.registry import guidance_class, nested_rules, nested_specs
+from guidance import Guidance, available_guidance, resolve_guidance
+from guidance.registry import guidance_class, guidance_label, nested_specs, parse_guidance, supply, takes
+from guidance.spec import parse_term
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES
 from samples.features import DIGITS_SHAPE, to_uint8
 from samples.saturation import OVERSHOOT_MARGIN, clipped_fraction, saturation
 
-SCALE_PLACEHOLDER = "$scale"
-
-
 class UsageError(ValueError):
     """Bad input to the evaluation tool: reported as one line, exit status 2."""
+
+
+class GenerationError(RuntimeError):
+    """A cell's generation produced what must never be scored (non-finite images, a refused run): one line, exit 2."""
 
 
 # ----------------------------------------------------------------------------------------------------- methods
@@ -68,13 +73,9 @@ class Cell:
     needs: frozenset[str] = frozenset()
 
 
-def _takes(cls: type, param: str) -> bool:
-    return param in inspect.signature(cls.__init__).parameters
-
-
-def _has_scale(cls: type) -> bool:
+def _has_scale(name: str) -> bool:
     """Whether a rule takes the scale: as ``guidance_scale``, or through coefficients fitted at it (LinearAG)."""
-    return _takes(cls, "guidance_scale") or _takes(cls, "coefficients")
+    return takes(name, "guidance_scale") or takes(name, "coefficients")
 
 
 def default_methods() -> list[str]:
@@ -82,78 +83,55 @@ def default_methods() -> list[str]:
     then the nested combinations (``gfcg+autoguidance``)."""
     methods = []
     for name in available_guidance():
-        cls = guidance_class(name)
-        if _has_scale(cls):
+        if _has_scale(name):
             methods.append(name)
         else:
-            methods.append(f"{name}+cfg" if cls.prepare_noise is not Guidance.prepare_noise else f"cfg+{name}")
+            noise_rule = guidance_class(name).prepare_noise is not Guidance.prepare_noise
+            methods.append(f"{name}+cfg" if noise_rule else f"cfg+{name}")
     return methods + nested_specs()
 
 
-def _substitute(config: Any, scale: float) -> Any:
-    if config == SCALE_PLACEHOLDER:
-        return scale
-    if isinstance(config, dict):
-        return {key: _substitute(value, scale) for key, value in config.items()}
-    if isinstance(config, list):
-        return [_substitute(value, scale) for value in config]
-    return config
-
-
 def method_config(spec: str, scale: float) -> tuple[str, Any]:
-    """``(label, config)`` of a ``--methods`` entry at ``scale`` (see the module docstring)."""
-    label, sep, text = spec.partition("=")
-    if sep:
-        try:
-            return label, _substitute(json.loads(text), scale)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"method {label!r}: invalid JSON config ({error})") from None
+    """``(label, config)`` of a ``--guidance`` entry at ``scale`` (:func:`guidance.registry.parse_guidance`).
+
+    Names joined by ``+`` must include one rule with a scale (the innermost rule of a wrapped term): a sweep over
+    scales is meaningless otherwise.
+    """
     try:
-        parts = [_part(name, scale) | ({} if inner is None else {inner: _part(inner, scale)})
-                 for name, inner in nested_rules(spec.split("+"))]
-    except ValueError as error:  # an unknown name
-        raise UsageError(str(error)) from None
-    if not any(_has_scale(guidance_class(part["name"])) for part in parts):
+        label, config = parse_guidance(spec, scale)
+    except ValueError as error:
+        raise UsageError(f"method {spec!r}: {error}") from None
+    terms = [] if _is_config(spec) else spec.split("+")
+    if terms and not any(_has_scale(parse_term(term)[0][0]) for term in terms):
         raise UsageError(f"method {spec!r} has no guidance scale; compose it with a rule that has one, e.g. cfg+{spec}")
-    return spec, parts[0] if len(parts) == 1 else parts
+    return label, config
 
 
-def _part(name: str, scale: float) -> dict[str, Any]:
-    return {"name": name, "guidance_scale": scale} if _takes(guidance_class(name), "guidance_scale") else {"name": name}
-
-
-def _fill(config: Any, inputs: dict[str, Any]) -> tuple[Any, set[str]]:
-    """``config`` with every :data:`SUPPLIED` argument a rule takes but lacks set from ``inputs`` (where given), and
-    the names of all such arguments."""
-    if isinstance(config, list):
-        filled = [_fill(item, inputs) for item in config]
-        return [item for item, _ in filled], set().union(*(names for _, names in filled))
-    if not isinstance(config, dict):
-        return config, set()
-    filled = {key: _fill(value, inputs) for key, value in config.items()}
-    out = {key: value for key, (value, _) in filled.items()}
-    needs = set().union(*(names for _, names in filled.values()))
-    name = out.get("name")
-    if isinstance(name, str):
-        for param in SUPPLIED:
-            if param not in out and _takes(guidance_class(name), param):
-                needs.add(param)
-                if param in inputs:
-                    out[param] = inputs[param]
-    return out, needs
+def _is_config(spec: str) -> bool:
+    """Whether a ``--guidance`` entry is JSON or ``LABEL=JSON`` (rather than names and terms)."""
+    return spec.lstrip().startswith(("{", "[")) or guidance_label(spec) != spec.strip()
 
 
 def supplied_arguments(config: Any) -> frozenset[str]:
     """The :data:`SUPPLIED` arguments a config (dict, list, nested) leaves to the tool."""
-    try:
-        return frozenset(_fill(config, {})[1])
-    except ValueError:  # an unknown name: reported when the config is built
-        return frozenset()
+    return supply(config, {}, SUPPLIED)[1]
 
 
 def build_guidance(config: Any, inputs: dict[str, Any] | None = None) -> Guidance:
     """The guidance module of a cell's config, the :data:`SUPPLIED` arguments it lacks taken from ``inputs``."""
-    return from_config(_fill(config, inputs or {})[0])
+    return resolve_guidance(supply(config, inputs or {}, SUPPLIED)[0])
+
+
+def batch_coupled(config: Any) -> bool:
+    """Whether a cell's images may depend on which images share a batch: some module of the config (list, nested
+    dict) is configured so (:meth:`guidance.Guidance.couples_batch`, e.g. AG with ``reduce="all"``)."""
+    if isinstance(config, list):
+        return any(batch_coupled(item) for item in config)
+    if not isinstance(config, dict):
+        return False
+    name = config.get("name")
+    own = isinstance(name, str) and name in available_guidance() and guidance_class(name).couples_batch(config)
+    return own or any(batch_coupled(value) for value in config.values())
 
 
 def cell_key(label: str, scale: float, material: dict[str, Any]) -> str:
@@ -168,9 +146,13 @@ def slug(text: str) -> str:
 
 
 def plan_cells(
-    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], supplied: dict[str, str]
+    methods: Sequence[str], scales: Sequence[float], material: dict[str, Any], supplied: dict[str, str],
+    batch_size: int,
 ) -> list[Cell]:
     """The cells of ``methods x scales``.
+
+    The batch size enters the hash of a cell only when its config couples the samples of a batch
+    (:func:`batch_coupled`): every other cell's images depend on their index and seed only.
 
     ``supplied`` describes the value the tool will supply for each :data:`SUPPLIED` argument (e.g. the classifier's
     id); it enters the hash of the cells that use it. Every config is built here once (with stand-ins for supplied
@@ -193,6 +175,8 @@ def plan_cells(
                 except (TypeError, ValueError) as error:
                     raise UsageError(f"method {label!r} at scale {scale:g}: {error}") from None
             cell_material = {**material, "guidance": config, "supplied": {n: supplied.get(n) for n in sorted(needs)}}
+            if batch_coupled(config):
+                cell_material["batch_size"] = batch_size
             cells.append(Cell(label, scale, config, cell_key(label, scale, cell_material), needs))
     names = [(cell.method, cell.scale) for cell in cells]
     if len(set(names)) != len(names):
@@ -295,6 +279,7 @@ def fingerprint(model: str, pipe: Any, task: Task, dtype: str, shard_size: int) 
         "steps": task.steps,
         "seed": task.seed,
         "dtype": dtype,
+        "device": torch.device(pipe.device).type,
         "prompts": task.prompts,
         "shard_size": shard_size,
     }
@@ -317,7 +302,9 @@ def generate(
     pipe: Any, task: Task, guidance: Guidance, indices: Sequence[int], batch_size: int
 ) -> dict[str, np.ndarray]:
     """Samples ``indices``: ``images`` (uint8), ``labels``, ``nfe``, ``saturation``, ``clipped`` and ``overshoot``
-    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image."""
+    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image.
+
+    :class:`GenerationError` if an image has a non-finite pixel (it would be scored as a black or white image)."""
     names = ("images", "labels", "nfe", "saturation", "clipped", "overshoot")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(indices), batch_size):
@@ -326,6 +313,10 @@ def generate(
         output = pipe(**task.conditioning(chunk), guidance=guidance, num_inference_steps=task.steps,
                       generator=generators, output_type="latent")
         pixels = decode_unclamped(pipe, output.images).cpu()
+        bad = [i for i, image in zip(chunk, pixels) if not torch.isfinite(image).all()]
+        if bad:
+            raise GenerationError(f"{len(bad)} of {len(chunk)} images of a batch have non-finite pixel values "
+                                  f"(indices {bad[:5]}{' ...' if len(bad) > 5 else ''}); nothing is scored")
         parts["images"].append(to_uint8(pixels))
         parts["labels"].append(torch.tensor(task.labels(chunk)))
         parts["nfe"].append(torch.tensor(output.nfe_per_sample, dtype=torch.float64))
@@ -340,10 +331,10 @@ def fit_coefficients(pipe: Any, task: Task, scale: float, model_id: str, path: P
 
     Calibration: CFG at ``scale`` on :data:`CALIBRATION_IMAGES` images with seeds ``seed + CALIBRATION_SEED_OFFSET + i``
     (never a sampled seed), estimating the unconditional output on every other step of the first half
-    (:func:`guidance.linear_ag.alternate_steps`). The calibration cost is not part of the cell's NFE or images/s.
+    (:func:`guidance.linear_ag_fit.alternate_steps`). The calibration cost is not part of the cell's NFE or images/s.
     """
     from guidance.cfg import CFG
-    from guidance.linear_ag import alternate_steps, fit_linear_ag
+    from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 
     def run_for(chunk: list[int]) -> Any:
         def run(guidance: Guidance) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from samples import shards
 from samples.evaluation_jobs import slug
+from samples.extras import require
 from samples.grid import labelled_grid
 
 #: the columns of ``results.csv``, in order
@@ -90,9 +90,17 @@ def _by_method(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return {method: sorted(group, key=lambda r: r["scale"]) for method, group in groups.items()}
 
 
+def _figure() -> Any:
+    """A bare matplotlib figure, 6 x 4 inches (matplotlib comes with the ``eval`` extra)."""
+    require("matplotlib", "eval", "the evaluation plots")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(6, 4))
+
+
 def plot_vs_scale(rows: Sequence[dict[str, Any]], metric: str, ylabel: str, path: Path, title: str) -> None:
     """``metric`` against the guidance scale, one line per method."""
-    fig = Figure(figsize=(6, 4))
+    fig = _figure()
     ax = fig.subplots()
     for method, group in _by_method(rows).items():
         ax.plot([r["scale"] for r in group], [r[metric] for r in group], marker="o", label=method)
@@ -107,7 +115,7 @@ def plot_vs_scale(rows: Sequence[dict[str, Any]], metric: str, ylabel: str, path
 
 def plot_precision_recall(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Precision against recall, one line per method through its scales (each point labelled with its scale)."""
-    fig = Figure(figsize=(6, 4))
+    fig = _figure()
     ax = fig.subplots()
     for method, group in _by_method(rows).items():
         recall, precision = [r["recall"] for r in group], [r["precision"] for r in group]
@@ -163,13 +171,18 @@ def write_method_grids(
     column_labels: Sequence[str],
     per_column: int,
     num_samples: int,
+    title: str = "",
 ) -> list[Path]:
-    """``grid_<method>.png`` per method: a row per scale, a column block per class / prompt (same seeds throughout)."""
+    """``grid_<method>.png`` per method: a row per scale, a column block per class / prompt (same seeds throughout).
+
+    ``title`` (model, scheduler, steps) heads every grid, after the method's name.
+    """
     indices, columns = grid_indices(len(column_labels), per_column, num_samples)
     paths = []
     for method, scale_plans in rows_by_method.items():
         rows = [(f"w={scale:g}", shard_images(root, plan, indices).float() / 255) for scale, plan in scale_plans]
         path = root / f"grid_{slug(method)}.png"
-        labelled_grid(rows, list(column_labels[:columns]), len(indices) // columns).save(path)
+        heading = f"{method}: {title}" if title else method
+        labelled_grid(rows, list(column_labels[:columns]), len(indices) // columns, title=heading).save(path)
         paths.append(path)
     return paths

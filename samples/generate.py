@@ -15,49 +15,45 @@ line and exit with status 2.
 
 from __future__ import annotations
 
-import os
 import time
 
 _START = time.perf_counter()
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no torchvision notices
 
-import argparse
-import csv
-import functools
-import inspect
-import json
-import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from samples import cli  # noqa: E402  (first: quiet third-party start-up, and the package check)
 
-import torch
-from diffusers.utils import logging as diffusers_logging
-from huggingface_hub.utils import logging as hub_logging
-from tqdm.auto import tqdm
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
-from guidance import Guidance, available_guidance, resolve_guidance
-from guidance.registry import guidance_class, nested_rules, nested_specs
-from pipelines import GuidedClassConditionalPipeline
-from samples.grid import labelled_grid
-from samples.loading import (
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from huggingface_hub.utils import logging as hub_logging  # noqa: E402
+
+from guidance import Guidance, available_guidance, resolve_guidance  # noqa: E402
+from guidance.registry import guidance_label, nested_specs, parse_guidance, supply  # noqa: E402
+from pipelines import GuidedClassConditionalPipeline  # noqa: E402
+from samples.grid import labelled_grid  # noqa: E402
+from samples.loading import (  # noqa: E402
     DTYPES,
-    SCHEDULERS,
     load_guiding_model,
     load_pipeline,
     pipeline_class,
     read_class_name,
     set_scheduler,
 )
-from samples.method_inputs import MethodInputs, fit_linear_ag_coefficients, generators
+from samples.method_inputs import MethodInputs, fit_linear_ag_coefficients, generators  # noqa: E402
 
 _IMPORT_SECONDS = time.perf_counter() - _START
 
 PROG = "guidance-generate"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED_MODEL = WEIGHTS_DIR / "digits"
-EMBEDDED_GUIDING_MODEL = WEIGHTS_DIR / "digits-weak"  # Autoguidance's guiding model for the embedded checkpoints
 
 # Defaults for the embedded digits model (chosen by looking at the grid; see the README).
 DIGITS_SCHEDULER = "ddim"
@@ -68,33 +64,17 @@ DEFAULT_IMAGES = 1  # per class / prompt for other models (they are far slower)
 MAX_DEFAULT_CLASSES = 10  # more classes than this must be chosen with --class-label
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (no usage block), exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _class_label(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (the guidance names in the help are those registered at run time)."""
-    parser = _Parser(
+    parser = cli.OneLineParser(
         prog=PROG,
         description="Sample every guidance method with the same seeds; write a labelled grid and a summary.",
-        epilog=f"guidance methods: {', '.join(available_guidance())} (join with '+' to compose, e.g. nlg+apg+tag)",
+        epilog=f"guidance methods: {', '.join(available_guidance())} (join with '+' to compose, e.g. nlg+apg+tag; "
+        "add arguments and wrappers with @KEY=VALUE, e.g. cfg@interval=0.28,2 or cfg@schedule=cosine)",
     )
     parser.add_argument("--model", help="local pipeline folder or hub id (default: the embedded 8x8 digits model)")
     parser.add_argument("--prompt", nargs="+", help="prompt(s) for a text-to-image model, one column block each")
@@ -102,36 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--class-label", nargs="+", type=_class_label, help="class ids or names (default: every class)"
     )
-    parser.add_argument(
-        "--guidance", nargs="+",
-        help="guidance method name(s), or a+b to compose (a+b nests b when a takes it: gfcg+autoguidance) "
-        f"(default: every registered method and {', '.join(nested_specs())})",
-    )
-    parser.add_argument(
-        "--guiding-model",
-        help="pipeline folder or hub id of autoguidance's guiding model (default: samples/weights/digits-weak for "
-        "the embedded model, else none)",
-    )
-    parser.add_argument(
-        "--scale", type=float,
-        help=f"guidance_scale for methods that take one (default: {DIGITS_SCALE} for the digits model, "
+    cli.add_shared_arguments(
+        parser, steps=DEFAULT_STEPS, out="outputs",
+        scale_help=f"guidance_scale for methods that take one (default: {DIGITS_SCALE} for the digits model, "
         "else each method's own default)",
+        scheduler_help=f"sampler (default: {DIGITS_SCHEDULER} for the digits model, else the model's own)",
     )
-    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="sampling steps (default: %(default)s)")
     parser.add_argument(
-        "--scheduler", choices=list(SCHEDULERS),
-        help=f"sampler (default: {DIGITS_SCHEDULER} for the digits model, else the model's own)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    parser.add_argument(
-        "--num-images", type=_positive_int,
+        "--num-images", type=cli.positive_int,
         help=f"images per class / prompt (default: {DIGITS_IMAGES} for the digits model, else {DEFAULT_IMAGES})",
     )
-    parser.add_argument("--out", default="outputs", help="output folder (default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: %(default)s)")
     parser.add_argument(
-        "--threads", type=_positive_int,
+        "--threads", type=cli.positive_int,
         help="CPU threads for torch (default: 1 for the digits model, whose operations are too small to gain from "
         "threads and lose badly when cores are shared; else torch's default)",
     )
@@ -185,38 +149,19 @@ def default_methods() -> list[str]:
     return available_guidance() + nested_specs()
 
 
-def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tuple[Guidance, list[str]]:
-    """The guidance module for ``spec`` (a registered name, or names joined by ``+``), and the notes of its inputs.
+def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tuple[str, Guidance, list[str]]:
+    """The label and guidance module of ``spec`` and the notes of the inputs it used.
 
-    ``scale`` is passed as ``guidance_scale`` to every module that takes one. Constructor arguments that ``inputs``
-    provides are filled from it (GFCG's ``classifier``, LinearAG's ``coefficients``, Autoguidance's ``model``...); a
-    required one that it does not provide is a ``ValueError`` naming it. A name whose rule takes the next one
-    (``gfcg+autoguidance``) gets it as that argument; the others are composed.
+    ``spec`` is anything :func:`guidance.resolve_guidance` reads from a string (a name, ``a+b`` names, terms of the
+    :mod:`guidance.spec` syntax such as ``cfg@interval=0.28,2``, JSON or ``LABEL=JSON``); ``scale`` is passed as
+    ``guidance_scale`` to every (innermost) module built from a name that takes one, and
+    replaces ``"$scale"`` in configs. Constructor arguments that ``inputs`` provides are filled from it (GFCG's
+    ``classifier``, LinearAG's ``coefficients``...); a required one it does not provide is a ``ValueError`` naming it.
     """
-    notes: list[str] = []
-    modules = []
-    for name, inner in nested_rules(spec.split("+")):
-        given = {} if inner is None else {inner: _build_module(inner, scale, inputs, notes, {})}
-        modules.append(_build_module(name, scale, inputs, notes, given))
-    return resolve_guidance(modules), notes
-
-
-def _build_module(
-    name: str, scale: float | None, inputs: MethodInputs, notes: list[str], given: dict[str, Any]
-) -> Guidance:
-    cls = guidance_class(name)
-    kwargs: dict[str, Any] = dict(given)
-    for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name in given:
-            continue
-        if param.name == "guidance_scale" and scale is not None:
-            kwargs["guidance_scale"] = scale
-        elif param.name in inputs:
-            kwargs[param.name] = inputs.get(param.name)
-            notes.extend([inputs.notes[param.name]] if param.name in inputs.notes else [])
-        elif param.default is param.empty:
-            raise ValueError(f"{name} needs {param.name}= (not available for this model; build it in Python)")
-    return cls(**kwargs)
+    label, config = parse_guidance(spec, scale)
+    filled, used = supply(config, inputs)
+    notes = [inputs.notes[name] for name in sorted(used) if name in inputs.notes]
+    return label, resolve_guidance(filled), notes
 
 
 def _config(guidance: Guidance) -> Any:
@@ -300,17 +245,28 @@ def summary_lines(results: Sequence[MethodResult]) -> list[str]:
     return lines
 
 
-def write_outputs(results: Sequence[MethodResult], job: Job, out: Path, header: str) -> list[str]:
-    """Write ``grid.png``, ``summary.txt`` and ``summary.csv`` under ``out``; return the summary lines."""
+def accuracy_text(accuracy: float, count: int) -> str:
+    """Class accuracy as measured: percent with one decimal and the count, e.g. ``97.5% (39/40)``."""
+    correct = round(accuracy * count)
+    return f"{100 * accuracy:.1f}% ({correct}/{count})"
+
+
+def write_outputs(
+    results: Sequence[MethodResult], job: Job, out: Path, header: str, title: str = ""
+) -> list[str]:
+    """Write ``grid.png`` (headed by ``title``), ``summary.txt`` and ``summary.csv`` under ``out``; return the
+    summary lines."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for r in results:
         if r.images is None:
             continue
-        details = [f"NFE {r.nfe:g}"] + ([f"acc {100 * r.accuracy:.0f}%"] if r.accuracy is not None else [])
+        details = [f"NFE {r.nfe:g}"]
+        if r.accuracy is not None:
+            details.append(f"acc {accuracy_text(r.accuracy, len(r.images))}")
         rows.append((f"{r.name}\n{', '.join(details)}", r.images))
     if rows:
-        labelled_grid(rows, job.columns, job.per_column).save(out / "grid.png")
+        labelled_grid(rows, job.columns, job.per_column, title=title).save(out / "grid.png")
     lines = summary_lines(results)
     (out / "summary.txt").write_text("\n".join([header, *lines]) + "\n")
     with open(out / "summary.csv", "w", newline="") as handle:
@@ -338,12 +294,9 @@ class Session:
 
 
 def check_guidance_names(specs: Sequence[str]) -> None:
-    """``ValueError`` listing the registered names if a spec names another."""
-    known = available_guidance()
+    """``ValueError`` (listing the registered names for an unknown one) if a spec cannot be read, before any loading."""
     for spec in specs:
-        for name in spec.split("+"):
-            if name not in known:
-                raise ValueError(f"unknown guidance {name!r}; available: {', '.join(known)}")
+        parse_guidance(spec, 1.0)
 
 
 def open_session(args: argparse.Namespace) -> Session:
@@ -367,8 +320,8 @@ def open_session(args: argparse.Namespace) -> Session:
     scale = args.scale if args.scale is not None else (DIGITS_SCALE if embedded else None)
 
     inputs = MethodInputs()
-    guide = args.guiding_model or (str(EMBEDDED_GUIDING_MODEL) if embedded else None)
-    if guide is not None:
+    guide = cli.guiding_model(args.guiding_model, embedded)
+    if guide is not None:  # Autoguidance's model and its prediction type, loaded on first use
         guiding = functools.cache(lambda: load_guiding_model(guide, device, DTYPES[args.dtype]))
         inputs.provide("model", make=lambda: (guiding()[0], f"guiding model {guide}"))
         inputs.provide("prediction_type", make=lambda: (guiding()[1], ""))
@@ -385,6 +338,14 @@ def open_session(args: argparse.Namespace) -> Session:
         inputs.provide("classifier", load_classifier().to(device))
         evaluator = load_evaluator().to(device)
     return Session(model, device, pipe, job, scale, inputs, evaluator)
+
+
+def grid_title(session: Session, args: argparse.Namespace) -> str:
+    """The grid's title line: model, scheduler, steps, scale."""
+    model = "embedded digits model" if args.model is None else Path(session.model.rstrip("/")).name or session.model
+    scale = "each method's default" if session.scale is None else f"{session.scale:g}"
+    return (f"{model}, {type(session.pipe.scheduler).__name__}, {args.steps} steps, scale {scale}, "
+            f"seeds {session.job.seeds[0]}..{session.job.seeds[-1]}")
 
 
 def describe(session: Session, args: argparse.Namespace) -> str:
@@ -409,27 +370,32 @@ def build_methods(
     methods, skipped = [], []
     for spec in specs:
         try:
-            methods.append((spec, *build_guidance(spec, session.scale, session.inputs)))
+            methods.append(build_guidance(spec, session.scale, session.inputs))
         except (ValueError, TypeError) as error:
             if strict:
                 raise ValueError(f"--guidance {spec}: {error}") from None
-            skipped.append(MethodResult(spec, note=f"skipped: {error}"))
+            skipped.append(MethodResult(guidance_label(spec), note=f"skipped: {error}"))
     return methods, skipped
 
 
-def sample_methods(session: Session, methods: Sequence[tuple[str, Guidance, list[str]]], steps: int) -> list[MethodResult]:
+def sample_methods(
+    session: Session, methods: Sequence[tuple[str, Guidance, list[str]]], steps: int, quiet: bool = False
+) -> list[MethodResult]:
     """Sample every method with the job's seeds; a method that fails while sampling gives a failed row."""
     results = []
-    for spec, guidance, notes in tqdm(methods, desc="methods", unit="method"):
-        result = MethodResult(spec, note="; ".join(notes), config=_config(guidance))
-        try:
-            result.images, result.nfe, result.seconds = sample(session.pipe, guidance, session.job, steps)
-        except (ValueError, TypeError) as error:
-            result.note = f"failed: {error}"
-        if session.evaluator is not None and result.images is not None:
-            targets = session.job.targets.to(session.device)
-            result.accuracy = class_accuracy(session.evaluator, result.images.to(session.device), targets)
-        results.append(result)
+    with cli.progress(len(methods), "sampling", "methods", quiet) as bar:
+        for label, guidance, notes in methods:
+            bar.set_postfix_str(label)
+            result = MethodResult(label, note="; ".join(notes), config=_config(guidance))
+            try:
+                result.images, result.nfe, result.seconds = sample(session.pipe, guidance, session.job, steps)
+            except (ValueError, TypeError) as error:
+                result.note = f"failed: {error}"
+            if session.evaluator is not None and result.images is not None:
+                targets = session.job.targets.to(session.device)
+                result.accuracy = class_accuracy(session.evaluator, result.images.to(session.device), targets)
+            results.append(result)
+            bar.update()
     return results
 
 
@@ -440,16 +406,19 @@ def run(args: argparse.Namespace) -> int:
     check_guidance_names(specs)
     session = open_session(args)
     header = describe(session, args)
-    print(header)
+    if not args.quiet:
+        print(header)
     loaded = time.perf_counter()
-    session.pipe.set_progress_bar_config(leave=False)
+    # per-step bars only on a terminal: in logs they would be one line per step
+    session.pipe.set_progress_bar_config(leave=False, disable=args.quiet or not cli.interactive())
     methods, skipped = build_methods(session, specs, strict=bool(args.guidance))
-    results = sample_methods(session, methods, args.steps) + skipped
-    results.sort(key=lambda r: specs.index(r.name))
+    results = sample_methods(session, methods, args.steps, args.quiet) + skipped
+    order = [guidance_label(spec) for spec in specs]
+    results.sort(key=lambda r: order.index(r.name))
     sampled = time.perf_counter()
 
     out = Path(args.out)
-    print("\n".join(write_outputs(results, session.job, out, header)))
+    print("\n".join(write_outputs(results, session.job, out, header, grid_title(session, args))))
     written = [name for name in ("grid.png", "summary.txt", "summary.csv") if (out / name).exists()]
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     total = _IMPORT_SECONDS + time.perf_counter() - start

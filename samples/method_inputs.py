@@ -26,7 +26,11 @@ CALIBRATION_SEED_OFFSET = 1_000_003  # calibration images use seeds far from the
 
 
 class MethodInputs:
-    """Named constructor arguments: fixed values, or makers called once on first use that return ``(value, note)``."""
+    """Named constructor arguments: fixed values, or makers called once on first use that return ``(value, note)``.
+
+    Reads like a mapping (``name in inputs``, ``inputs[name]``, ``keys()``), so :func:`guidance.registry.supply`
+    fills a config from it and computes only what a rule takes.
+    """
 
     def __init__(self) -> None:
         self._makers: dict[str, Callable[[], tuple[Any, str]]] = {}
@@ -43,7 +47,15 @@ class MethodInputs:
     def __contains__(self, name: str) -> bool:
         return name in self._values or name in self._makers
 
+    def keys(self) -> list[str]:
+        """The names supplied (computed or not yet)."""
+        return [*self._values, *self._makers]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.get(name)
+
     def get(self, name: str) -> Any:
+        """The value of ``name``, computed on first use."""
         if name not in self._values:
             self._values[name], note = self._makers.pop(name)()
             if note:
@@ -63,7 +75,7 @@ def fit_linear_ag_coefficients(
 
     ``run(guidance, seeds)`` performs one pipeline call with ``guidance`` and one generator per seed.
     """
-    from guidance.linear_ag import alternate_steps, fit_linear_ag
+    from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 
     calibration = [seed + CALIBRATION_SEED_OFFSET for seed in seeds]
     print(f"fitting LinearAG coefficients on {len(seeds)} calibration images (other seeds)")

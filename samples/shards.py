@@ -12,11 +12,15 @@ and a re-run never recomputes a finished one. :func:`read_cell` reads the planne
 index ``0 .. N-1`` is present exactly once.
 
 In a shard file, arrays with a leading axis of length ``count`` are per-sample; 0-d arrays are per-shard scalars
-(e.g. the generation time).
+(e.g. the generation time). Every file also carries a SHA-256 of its arrays (:data:`DIGEST_KEY`): a shard whose file
+cannot be loaded, lacks the digest, or whose arrays no longer match it (bytes overwritten, file truncated) is
+*damaged*; :func:`quarantine` moves such files aside (``*.damaged``) so that they count as pending and are generated
+again, and :func:`read_shard` raises :class:`DamagedShardError` for them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,10 +30,16 @@ from pathlib import Path
 import numpy as np
 
 INDEX_KEY = "indices"
+DIGEST_KEY = "sha256"
+DAMAGED_SUFFIX = ".damaged"
 
 
 class MissingShardsError(RuntimeError):
     """Raised when a cell is read before all of its shards exist."""
+
+
+class DamagedShardError(ValueError):
+    """A shard file that cannot be loaded or whose arrays do not match their checksum."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ def write_shard(root: str | Path, shard: Shard, arrays: dict[str, np.ndarray]) -
         if np.ndim(array) > 0 and len(array) != shard.count:
             raise ValueError(f"array {name!r} has {len(array)} rows for a shard of {shard.count} samples")
     payload = {INDEX_KEY: np.arange(shard.start, shard.start + shard.count, dtype=np.int64), **arrays}
+    payload[DIGEST_KEY] = np.array(digest(payload))
     tmp: Path | None = None
     try:
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=target.stem + ".", suffix=".tmp", delete=False) as f:
@@ -90,14 +101,52 @@ def write_shard(root: str | Path, shard: Shard, arrays: dict[str, np.ndarray]) -
     return target
 
 
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order (the digest entry itself left out)."""
+    sha = hashlib.sha256()
+    for name in sorted(arrays):
+        if name == DIGEST_KEY:
+            continue
+        array = np.ascontiguousarray(arrays[name])
+        sha.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        sha.update(array.tobytes())
+    return sha.hexdigest()
+
+
 def read_shard(root: str | Path, shard: Shard) -> dict[str, np.ndarray]:
-    """The arrays of a finished shard; ``ValueError`` if its indices are not the shard's range."""
+    """The arrays of a finished shard (without its digest); :class:`DamagedShardError` if the file cannot be loaded,
+    fails its checksum or does not hold the shard's indices."""
     path = shard.path(root)
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception as error:  # noqa: BLE001  (zip, npy header, CRC, EOF: any load failure is damage)
+        raise DamagedShardError(f"{path} cannot be loaded ({type(error).__name__}: {error})") from None
+    stored = arrays.pop(DIGEST_KEY, None)
+    if stored is None or str(stored) != digest(arrays):
+        raise DamagedShardError(f"{path} fails its checksum" if stored is not None else f"{path} has no checksum")
     if not np.array_equal(arrays.get(INDEX_KEY), np.asarray(shard.indices)):
-        raise ValueError(f"{path} does not hold samples {shard.start}..{shard.start + shard.count - 1}")
+        raise DamagedShardError(f"{path} does not hold samples {shard.start}..{shard.start + shard.count - 1}")
     return arrays
+
+
+def quarantine(root: str | Path, shards: list[Shard]) -> list[tuple[Path, str]]:
+    """Move every existing but damaged shard file aside (``<name>.damaged``), so that it is generated again.
+
+    Returns ``(moved_to, reason)`` per damaged file. Reads every existing shard once (its checksum).
+    """
+    moved = []
+    for shard in shards:
+        path = shard.path(root)
+        if not path.is_file():
+            continue
+        try:
+            read_shard(root, shard)
+        except DamagedShardError as error:
+            target = path.with_name(path.name + DAMAGED_SUFFIX)
+            os.replace(path, target)
+            moved.append((target, str(error)))
+    return moved
 
 
 def read_cell(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from functools import partial
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from guidance.ag_calibration import (
 )
 from guidance.adaptive import cosine_per_sample
 from guidance.base import Step
-from guidance.linear_ag import LinearAGCoefficients, fit_affine, fit_linear_ag, relative_residual
+from guidance.linear_ag_fit import LinearAGCoefficients, fit_affine, fit_linear_ag, relative_residual
 from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
 from pipelines.common import pipeline_guidance
 from pipelines.conditioning import BranchConditioning
@@ -215,7 +217,7 @@ def test_never_switching_equals_cfg_bit_for_bit():
 def test_switch_after_step_k_costs_t_plus_k_plus_1_and_matches_cfg_until_then(k):
     script = [crossing_at(k), crossing_at(k - 1 if k else 0)]  # "all": the batch waits for sample 0
     cfg, _, cfg_traj = run_scripted(CFG(SCALE), script)
-    rule = Spy(CFG(SCALE), threshold=0.9)
+    rule = Spy(CFG(SCALE), threshold=0.9, reduce="all")
     ag, model, ag_traj = run_scripted(rule, script)
     counted = sum(c.numel() for c in model.calls)
     assert counted == 2 * (T + k + 1) and ag.nfe == T + k + 1 and ag.nfe_per_sample == [T + k + 1] * 2
@@ -249,11 +251,11 @@ def test_prompt_equal_to_negative_switches_after_step_zero():
 
 def test_all_waits_for_the_slowest_sample_and_per_sample_evaluates_only_needed_rows():
     script = [crossing_at(2), crossing_at(5)]
-    together = AdaptiveGuidance(CFG(SCALE), threshold=0.9)
+    together = AdaptiveGuidance(CFG(SCALE), threshold=0.9, reduce="all")
     all_result, _, _ = run_scripted(together, script)
     assert together.switch_step == 5 and all_result.nfe_per_sample == [T + 6, T + 6]
 
-    alone = Spy(CFG(SCALE), threshold=0.9, reduce="per-sample")
+    alone = Spy(CFG(SCALE), threshold=0.9)  # the default: reduce="per-sample"
     result, model, _ = run_scripted(alone, script)
     assert alone.sample_switch_steps == [2, 5] and alone.switch_step == 5
     assert result.nfe_per_sample == [T + 3, T + 6] and result.nfe == (2 * T + 9) / 2
@@ -522,9 +524,9 @@ def test_linear_ag_switches_to_conditional_only_after_the_ag_threshold():
     k = 7  # a threshold halfway between the batch's lowest gamma at steps k-1 and k switches after step k
     threshold = float(gammas[:, k - 1 : k + 1].min(dim=0).values.mean())
     assert switch_steps(gammas, threshold, reduce="all").tolist() == [k] * 4
-    reference = AdaptiveGuidance(CFG(SCALE), threshold=threshold)
+    reference = AdaptiveGuidance(CFG(SCALE), threshold=threshold, reduce="all")
     ag, _, _ = affine_run(seed=7)(reference)
-    rule = LinearAG(fitted, model_id="affine", scheduler="DDIMScheduler", threshold=threshold)
+    rule = LinearAG(fitted, model_id="affine", scheduler="DDIMScheduler", threshold=threshold, reduce="all")
     lag, model, _ = affine_run(seed=7)(rule)
     assert reference.switch_step == rule.switch_step == k
     assert ag.nfe == T + k + 1 and lag.nfe == T + k + 1 - 3 == model.rows / 4
@@ -559,6 +561,32 @@ def test_mismatched_metadata_is_refused(tmp_path):
     save_file({"coefficients": torch.zeros(1, 1)}, str(bare))
     with pytest.raises(ValueError, match="metadata"):
         LinearAGCoefficients.load(bare)
+
+
+def test_corrupt_coefficients_file_error_names_its_path(tmp_path):
+    path = tmp_path / "coefficients.safetensors"
+    fitted_affine(history=1).save(path)
+    data = bytearray(path.read_bytes())
+    truncated, garbled = tmp_path / "truncated.safetensors", tmp_path / "garbled.safetensors"
+    truncated.write_bytes(bytes(data[: len(data) // 2]))
+    data[8:40] = b"x" * 32  # inside the JSON header
+    garbled.write_bytes(bytes(data))
+    for bad in (truncated, garbled, tmp_path / "missing.safetensors"):
+        with pytest.raises(ValueError, match=re.escape(str(bad))):
+            LinearAG(bad, model_id="affine", scheduler="DDIMScheduler")
+
+
+def test_the_pipelines_actual_scheduler_is_checked_not_the_name_it_is_told(tmp_path):
+    """Coefficients fitted on DDIM refuse an Euler run told "DDIMScheduler", and a DDIM run with another config."""
+    rule = LinearAG(fitted_affine(history=1), model_id="affine", scheduler="DDIMScheduler")
+    assert rule._fitted.metadata["scheduler_class"] == "DDIMScheduler"
+    for kwargs, field in ((dict(scheduler_cls=EulerDiscreteScheduler), "scheduler_class"),
+                          (dict(scheduler_cls=partial(DDIMScheduler, thresholding=True)), "thresholding")):
+        model = AffineUncondModel(4, DIM)
+        with pytest.raises(ValueError, match=field):
+            affine_run(model=model, **kwargs)(rule)
+        assert model.rows == 0
+    affine_run()(rule)  # the fitted configuration runs
 
 
 def test_fitting_refuses_bad_designations():

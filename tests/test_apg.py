@@ -15,7 +15,8 @@ from diffusers.guiders.adaptive_projected_guidance import (
 )
 
 from guidance import APG, CFG, Guidance
-from guidance.apg import apg_x0, clip_factor, clip_norm, parallel_coefficient
+from guidance.apg import apg_x0, parallel_coefficient
+from guidance.spaces import clip_factor, clip_norm
 from guidance.base import Step
 from pipelines.class_conditional import GuidedClassConditionalPipeline
 from pipelines.conditioning import BranchConditioning

@@ -40,8 +40,6 @@ from tiny import (  # noqa: F401
     tiny_flux_components,
     tiny_inpainting_unet,
     tiny_sd3_components,
-    tiny_sd_components,
-    tiny_sdxl_components,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,16 +50,6 @@ TOLERANCE = 1e-5
 #: then gives g up to float32 rounding. The plain Flux pipeline's own run-to-run noise on this CPU is 0 (asserted
 #: below), so the bound is that rounding: measured 3e-7 on the decoded image.
 FLUX_TOLERANCE = 2e-6
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return tiny_sd_components(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return tiny_sdxl_components(tmp_path_factory.mktemp("sdxl"))
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +368,18 @@ def test_call_arguments_that_would_change_the_rule_are_refused(sd):
     pipe = build(StableDiffusionPipeline, sd)
     with attach(pipe, CFG(3.0)), pytest.raises(ValueError, match="guidance_rescale is part of the attached rule"):
         run(pipe, prompt="a cat", guidance_rescale=0.5)
+
+
+def test_guided_pipelines_read_guidance_strings_like_attach(sd):
+    """``guidance="nlg+apg+tag"`` and ``name@key=value`` terms work in ``guidance=`` as in ``attach``."""
+    pipe = build(GuidedStableDiffusionPipeline, sd)
+    composed = pipe("a cat", guidance="nlg+apg+tag", guidance_scale=4.0, num_inference_steps=STEPS,
+                    output_type="latent", generator=torch.Generator().manual_seed(0))
+    explicit = pipe("a cat", guidance=[NLG(), APG(4.0), TAG()], num_inference_steps=STEPS, output_type="latent",
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(composed.images, explicit.images) and composed.nfe == explicit.nfe == 2 * STEPS + 2 * 20
+    interval = pipe("a cat", guidance="cfg@interval=0,1", guidance_scale=4.0, num_inference_steps=STEPS,
+                    output_type="latent")
+    assert interval.nfe < 2 * STEPS  # outside (0, 1] only the conditional row is evaluated
+    with pytest.raises(ValueError, match="takes no guidance_scale"):
+        pipe("a cat", guidance="tag", guidance_scale=4.0, num_inference_steps=STEPS)

@@ -51,6 +51,21 @@ def test_smoke_run_writes_one_row_per_configuration(tmp_path):
     assert (tmp_path / "gfcg.png").stat().st_size > 0
 
 
+def test_schedules_smoke_run_writes_the_table_the_claim_and_the_plot(tmp_path):
+    from benchmarks.schedules import main as schedules_main
+
+    schedules_main(["--smoke", "--out", str(tmp_path), "--threads", "1"])
+    with open(tmp_path / "schedules.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    nfe = {(row["method"], row["scale"]): float(row["nfe"]) for row in rows}
+    assert nfe[("CFG", "w=3")] == 8 and nfe[("conditional", "w=1")] == 4  # 4 DDIM steps
+    interval = next(row for row in rows if row["method"] == "interval")
+    assert float(interval["nfe"]) < 8
+    table = (tmp_path / "schedules.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "Claim (interval vs CFG)" in table
+    assert (tmp_path / "schedules_chosen_scales.png").stat().st_size > 0
+
+
 def test_attach_overhead_smoke_run_times_every_candidate(tmp_path):
     from benchmarks.attach_overhead import main as attach_overhead
 
@@ -62,6 +77,18 @@ def test_attach_overhead_smoke_run_times_every_candidate(tmp_path):
     assert nfe["plain CFG"] == nfe["attached CFG"] == nfe["attached APG"] == nfe["attached CFG+TAG"] == 8
     assert nfe["attached AG"] < 8  # calibrated to switch after half of the 4 steps
     assert all(row["median"] > 0 and row["ratio"] > 0 for row in rows)
+
+
+def test_gpu_throughput_smoke_run_covers_every_candidate(tmp_path):
+    from benchmarks.gpu_throughput import main as throughput
+
+    rows = throughput(["--smoke", "--workdir", str(tmp_path)])
+    names = ["plain CFG", "Guided* CFG", "cfg", "apg", "ag", "tag", "tag-cfg", "nlg", "gfcg"]
+    assert [row["name"] for row in rows] == names * 2  # batch 1 and 2
+    nfe = {row["name"]: row["nfe"] for row in rows if row["batch"] == 2}
+    assert nfe["plain CFG"] == nfe["cfg"] == nfe["apg"] == nfe["tag"] == nfe["Guided* CFG"] == 4  # 2 DDIM steps
+    assert nfe["nlg"] == 4 + 2 * 2 and nfe["ag"] <= 4 and nfe["gfcg"] > 4
+    assert all(row["images_per_second"] > 0 for row in rows)
 
 
 def test_autoguidance_smoke_run_writes_every_configuration_and_the_claims(tmp_path):

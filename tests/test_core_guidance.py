@@ -198,7 +198,7 @@ BUILDERS = {
     "apg.guidance_scale": (lambda v: APG(v), [(-1.0, ValueError), (None, TypeError)]),
     "apg.eta": (lambda v: APG(eta=v), [(None, TypeError)]),  # any finite eta is allowed
     "apg.norm_threshold": (lambda v: APG(norm_threshold=v), [(-1.0, ValueError)]),  # None: size-scaled default
-    "apg.momentum": (lambda v: APG(momentum=v), [(-1.5, ValueError), (None, TypeError)]),
+    "apg.momentum": (lambda v: APG(momentum=v), [(-1.5, ValueError), (-1.0, ValueError), (None, TypeError)]),
 }
 CASES = [
     (key, value, error)
@@ -220,7 +220,8 @@ def test_bad_numbers_name_the_argument(key, value, error):
     [
         (lambda: CFG(2.0, guidance_rescale=1.5), "guidance_rescale", "[0.0, 1.0]"),
         (lambda: APG(0.5), "guidance_scale", "[1.0, inf]"),
-        (lambda: APG(momentum=1.0), "momentum", "[-1.0, 1.0)"),
+        (lambda: APG(momentum=1.0), "momentum", "(-1.0, 1.0)"),
+        (lambda: APG(momentum=-1.0), "momentum", "(-1.0, 1.0)"),
         (lambda: APG(momentum_per="call"), "momentum_per", "'evaluation', 'step'"),
     ],
 )
@@ -228,6 +229,19 @@ def test_out_of_range_values_name_the_allowed_range(build, argument, allowed):
     with pytest.raises(ValueError) as err:
         build()
     assert argument in str(err.value) and allowed in str(err.value)
+
+
+def test_guidance_rescale_of_a_constant_guided_output_is_finite():
+    """Zero std of the guided output (0/0 in Lin et al.'s ratio): nothing to rescale, the output stays finite."""
+    cond = torch.randn(2, 4, 4, 4)
+    uncond = cond.clone()
+    uncond[0] = 0.3  # sample 0 at w = 0: the guided output is out_u = 0.3 everywhere, std 0
+    step = Step(index=0, num_steps=1, evaluation=0, first_stage=True, timestep=torch.tensor(500), alpha=0.6,
+                sigma=0.8, sample=torch.randn(2, 4, 4, 4), prediction_type="epsilon", batch_size=2)
+    out = CFG(0.0, guidance_rescale=0.7).combine({"cond": cond, "uncond": uncond}, step)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], torch.full_like(out[0], 0.3))
+    torch.testing.assert_close(out[1], cond[1])  # cond = uncond: the guided output is cond, std ratio 1
 
 
 # ---------------------------------------------------------------- resets between generations

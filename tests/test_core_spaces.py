@@ -16,7 +16,8 @@ from diffusers import (
 )
 
 from guidance import APG, CFG, Branch, Guidance
-from guidance.apg import apg_x0, clip_factor
+from guidance.apg import apg_x0
+from guidance.spaces import clip_factor
 from guidance.cfg import rescale_guidance
 from guidance.spaces import (
     PREDICTION_TYPES,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from pipelines import GuidedClassConditionalPipeline, GuidedStableDiffusionPipel
 from samples import shards
 from samples.digits_nets import DigitClassifier, DigitEvaluator, save_network
 from samples.evaluate import FAIL_AFTER_ENV, main
+from samples.evaluation_jobs import batch_coupled, default_methods, method_config, plan_cells
 from samples.features import InceptionExtractor, build_extractor, to_uint8
 from tests.tiny import tiny_sd_components
 
@@ -248,3 +251,103 @@ def test_mixing_extractors_is_refused(tiny: Path, single_run: Path, tmp_path: Pa
     np.savez(reference, mu=np.zeros(16), sigma=np.eye(16), extractor=np.array("inception-v3/0123456789ab"))
     assert main([*cli_args(tiny, tmp_path / "out"), "--reference", str(reference)]) == 2
     assert "never compared" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- reliability (issue 12)
+
+
+def test_damaged_shards_are_reported_moved_aside_and_regenerated(tiny: Path, single_run: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    """One shard with overwritten bytes, one truncated: one line each, moved aside, regenerated; same metrics."""
+    out = tmp_path / "damaged"
+    shutil.copytree(single_run, out)
+    (out / "results.json").unlink()
+    overwritten, truncated = sorted(out.rglob("shard-*.npz"))[1:3]
+    data = bytearray(overwritten.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+    overwritten.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
+    for path in (overwritten, truncated):
+        with pytest.raises(shards.DamagedShardError, match=re.escape(path.name)):
+            shards.read_shard(out, shards.Shard(path.parent.name, *map(int, path.stem.split("-")[1:])))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the single run
+    try:
+        assert main(cli_args(tiny, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "damaged shard" in line]
+    assert len(lines) == 2 and all(line.startswith("guidance-evaluate: damaged shard:") for line in lines)
+    assert {p.name for p in out.rglob("*.damaged")} == {overwritten.name + ".damaged", truncated.name + ".damaged"}
+    assert overwritten.is_file() and truncated.is_file()  # generated again
+    assert [{k: r[k] for k in STABLE_KEYS} for r in rows(out)] == [{k: r[k] for k in STABLE_KEYS}
+                                                                    for r in rows(single_run)]
+    images, reference = cell_images(out), cell_images(single_run)
+    assert all(np.array_equal(images[key], reference[key]) for key in reference)
+
+
+def test_uncreatable_output_is_one_line_before_any_model_loads(tiny: Path, tmp_path: Path, capsys,
+                                                              monkeypatch) -> None:
+    import samples.evaluate as evaluate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(evaluate, "load_pipeline", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for output in (blocker, blocker / "sub"):
+        assert main(cli_args(tiny, output)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("guidance-evaluate: error: --out ") and str(output) in err and "\n" not in err
+
+
+def test_non_finite_images_are_never_scored(tiny: Path, tmp_path: Path, capsys) -> None:
+    """A model that outputs NaN: one error line, exit 2, no shard written and no results."""
+    model = tmp_path / "nan-model"
+    pipe = GuidedClassConditionalPipeline.from_pretrained(tiny / "model")
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("nan"))
+    pipe.save_pretrained(model)
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--evaluator", str(tiny / "evaluator"), "--methods", "cfg", "--scales", "3",
+            "-n", "4", "--steps", "2", "--batch-size", "2", "-o", str(out)]
+    assert main(args) == 2
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if "guidance-evaluate" in line]
+    assert len(lines) == 1 and lines[0].startswith("guidance-evaluate: error: cfg w=3") and "non-finite" in lines[0]
+    assert not list(out.rglob("shard-*.npz")) and not (out / "results.json").exists()
+
+
+def test_batch_coupled_configs_are_keyed_by_batch_size() -> None:
+    coupled = ['ag-all={"name": "ag", "base": {"name": "cfg", "guidance_scale": "$scale"}, "reduce": "all"}',
+               'mixed=[{"name": "nlg"}, {"name": "ag", "base": "cfg", "reduce": "all"}]']
+    independent = ["ag", "linear-ag", "nlg+cfg", 'ag-own={"name": "ag", "base": "cfg", "reduce": "per-sample"}']
+    keys = {batch: {cell.method: cell.key for cell in plan_cells([*coupled, *independent], [3.0], {}, {}, batch)}
+            for batch in (1, 4)}
+    for spec in coupled:
+        label = spec.partition("=")[0]
+        assert batch_coupled(method_config(spec, 3.0)[1]) and keys[1][label] != keys[4][label]
+    for spec in independent:
+        label = spec.partition("=")[0]
+        assert not batch_coupled(method_config(spec, 3.0)[1]) and keys[1][label] == keys[4][label]
+
+
+def test_every_default_method_gives_the_same_images_and_nfe_at_batch_1_and_4(tmp_path: Path) -> None:
+    """guidance-evaluate on the embedded digits model, every registered method at its defaults (the default
+    --methods), batch size 1 vs 4: identical images and NFE per image, in cells with the same keys."""
+    common = ["--scales", "3", "-n", "4", "--steps", "4", "--shard-size", "4"]
+    runs = {}
+    for batch in (1, 4):
+        out = tmp_path / f"b{batch}"
+        assert main([*common, "--batch-size", str(batch), "-o", str(out)]) == 0
+        runs[batch] = out
+    one, four = rows(runs[1]), rows(runs[4])
+    # the 8 paper rules + interval, schedule, dynamic-cfg, autoguidance and gfcg+autoguidance
+    assert [r["method"] for r in one] == default_methods() and len(one) == 13
+    assert [r["cell"] for r in one] == [r["cell"] for r in four]
+    for a, b in zip(one, four):
+        assert a["nfe_per_image"] == b["nfe_per_image"], a["method"]
+        first, second = (shards.read_cell(out, shards.plan(a["cell"], 4, 4))[0] for out in (runs[1], runs[4]))
+        assert np.array_equal(first["images"], second["images"]), a["method"]
+        assert np.array_equal(first["nfe"], second["nfe"]), a["method"]

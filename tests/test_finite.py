@@ -8,7 +8,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from guidance import APG, CFG, GFCG, NLG, TAG, AdaptiveGuidance, TAGCFG, available_guidance
+from guidance import (
+    APG, CFG, GFCG, NLG, TAG, AdaptiveGuidance, DynamicCFG, GuidanceInterval, ScaleSchedule, TAGCFG, available_guidance,
+)
 from pipelines import attach
 from tests.tag_nlg_fakes import tiny_class_pipeline
 from tiny import one_thread, tiny_sd_components  # noqa: F401
@@ -38,6 +40,8 @@ def rules() -> dict:
     return {
         "cfg": CFG(3.0), "apg": APG(3.0), "ag": AdaptiveGuidance(CFG(3.0)), "tag": [CFG(3.0), TAG(1.15)],
         "tag-cfg": TAGCFG(3.0), "nlg": [NLG(steps=2), CFG(3.0)], "gfcg": GFCG(classifier=classifier.eval()),
+        "interval": GuidanceInterval(CFG(3.0), (0.0, float("inf"))), "schedule": ScaleSchedule(CFG(3.0), "cosine"),
+        "dynamic-cfg": DynamicCFG((1.0, 3.0), classifier=classifier.eval()),
     }
 
 

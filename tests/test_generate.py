@@ -17,7 +17,7 @@ from PIL import Image
 from guidance import CFG, available_guidance
 from pipelines import GuidedClassConditionalPipeline, GuidedStableDiffusionPipeline
 from samples import generate
-from samples.grid import GridLayout, cell_size
+from samples.grid import HEADER, GridLayout, cell_size
 from samples.loading import SCHEDULERS, load_pipeline, looks_like_path, set_scheduler
 from tests.tiny import tiny_sd_components
 
@@ -90,8 +90,8 @@ def test_every_registered_method_gets_a_row_and_a_summary_line(class_model, tmp_
     assert "total" in stdout
 
     grid = Image.open(out / "grid.png")
-    cells = GridLayout(cell_size(8), per_column=1, label_width=0).size(rows=len(ran), columns=2)
-    assert grid.size[1] == cells[1] and grid.size[0] > cells[0]  # one row per method that ran, plus labels
+    cells = GridLayout(cell_size(8), per_column=1, label_width=0, title_height=HEADER).size(rows=len(ran), columns=2)
+    assert grid.size[1] == cells[1] and grid.size[0] > cells[0]  # one row per method that ran, labels, a title
 
 
 def test_grid_cells_are_the_pipeline_images_for_the_same_seeds(class_model, tmp_path, capsys):
@@ -108,7 +108,7 @@ def test_grid_cells_are_the_pipeline_images_for_the_same_seeds(class_model, tmp_
     grid = np.asarray(Image.open(out / "grid.png").convert("L"))
     side = cell_size(8)
     factor = side // 8
-    layout = GridLayout(side, 2, grid.shape[1] - GridLayout(side, 2, 0).size(1, 2)[0])
+    layout = GridLayout(side, 2, grid.shape[1] - GridLayout(side, 2, 0).size(1, 2)[0], title_height=HEADER)
     for k in range(4):
         x, y = layout.cell_origin(0, k // 2, k % 2)
         cell = grid[y : y + side, x : x + side]
@@ -128,7 +128,7 @@ def test_text_to_image_model_with_prompts(sd_model, tmp_path, capsys):
     assert [r["method"] for r in rows] == ["cfg", "apg"]
     assert [float(r["nfe_per_image"]) for r in rows] == [4, 4]
     grid = Image.open(out / "grid.png")
-    assert grid.size[1] == GridLayout(cell_size(32), 1, 0).size(rows=2, columns=2)[1]
+    assert grid.size[1] == GridLayout(cell_size(32), 1, 0, title_height=HEADER).size(rows=2, columns=2)[1]
 
 
 def test_scheduler_names_build_diffusers_schedulers_from_the_model_config(class_model):

@@ -169,9 +169,9 @@ def test_v_prediction_model_refines_like_its_eps_twin():
 
     latents, labels = torch.randn(2, *SHAPE, dtype=torch.float64), torch.tensor([0, 5])
     kwargs = dict(labels=labels, generator=torch.Generator().manual_seed(0))
-    from_eps, _ = refine(NLG(steps=3, max_norm=None), latents, model=eps_model, **kwargs)
+    from_eps, _ = refine(NLG(steps=3, max_norm=0.0), latents, model=eps_model, **kwargs)
     v_scheduler = DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear", prediction_type="v_prediction")
-    from_v, _ = refine(NLG(steps=3, max_norm=None), latents, model=v_model, scheduler=v_scheduler, **kwargs)
+    from_v, _ = refine(NLG(steps=3, max_norm=0.0), latents, model=v_model, scheduler=v_scheduler, **kwargs)
     torch.testing.assert_close(from_v, from_eps, rtol=1e-10, atol=1e-10)
 
 
@@ -185,8 +185,8 @@ def test_flow_direction_is_the_velocity_difference_and_non_zero_at_s_1():
 
     model, latents, labels = FakeDenoiser(SHAPE), torch.randn(2, *SHAPE, dtype=torch.float64), torch.tensor([3, 7])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    refined, _ = refine(NLG(steps=1, noise_std=0.0, renormalize=False), latents, model=model, labels=labels,
-                        scheduler=scheduler)
+    refined, _ = refine(NLG(steps=1, max_norm=0.5, noise_std=0.0, renormalize=False), latents, model=model,
+                        labels=labels, scheduler=scheduler)
     assert float(scheduler.sigmas[0]) == 1.0
     t0 = scheduler.timesteps[0]
     velocity_diff = model(latents, t0, labels) - model(latents, t0, torch.full_like(labels, NULL_LABEL))
@@ -211,17 +211,22 @@ def test_one_iteration_ascends_log_p_y_given_noise():
     latents, labels = torch.randn(500, 16, dtype=torch.float64), torch.arange(500) % 2
     refined, _ = refine(NLG(steps=1, noise_std=0.0, renormalize=False), latents, model=mixture.model_fn,
                         labels=labels, scheduler=scheduler, conditioning=mixture.conditioning(labels), steps=25)
-    alpha, sigma = mixture.alpha_sigma(float(scheduler.timesteps[0]))
+    alpha, sigma = mixture.alpha_sigma(999.0)  # where NLG evaluates (timestep="max")
     gain = noisy_log_posterior(mixture, refined, alpha, sigma, labels) - noisy_log_posterior(
         mixture, latents, alpha, sigma, labels)
     assert (gain > 0).all()
 
 
-def test_nlg_raises_bayes_accuracy_on_the_gaussian_mixture():
-    """Unguided conditional DDIM (20 steps) from the same noise, with and without NLG's default refinement.
+@pytest.mark.parametrize("timestep", ["first", "max"])
+def test_nlg_raises_bayes_accuracy_on_the_gaussian_mixture(timestep):
+    """Unguided conditional DDIM (20 steps) from the same noise, with and without NLG's official refinement (the
+    absolute tau = 0.5: the size-scaled default is 0.0156 at D = 16, a far smaller step), evaluated at the schedule's
+    first timestep (951) or at t = 999 (official).
 
     Two overlapping classes (means +-0.5, std 0.5) in D = 16 with SD's scaled-linear schedule: the exact conditional
-    sampler reaches the Bayes accuracy of the data (~0.84); refined noise lands further inside its class.
+    sampler reaches the Bayes accuracy of the data (~0.84); refined noise lands further inside its class. At t = 999
+    the direction is shorter than tau here (not clipped), so the step and the gain are smaller: accuracy +0.025
+    (3.2 standard errors) instead of +0.052 at t = 951, log p(y | x) +0.079 (11 standard errors).
     """
     scheduler = DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear")
     mixture = two_class_mixture(scheduler.alphas_cumprod, dim=16, separation=0.5)
@@ -229,7 +234,8 @@ def test_nlg_raises_bayes_accuracy_on_the_gaussian_mixture():
     latents = torch.randn(n, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(n) % 2
     stats = {}
-    for name, rule in (("base", Guidance()), ("nlg", NLG())):
+    official = {**NLG.official().config(), "timestep": timestep}
+    for name, rule in (("base", Guidance()), ("nlg", from_config(official))):
         _, result = refine(rule, latents, model=mixture.model_fn, labels=labels, scheduler=scheduler, steps=20,
                            conditioning=mixture.conditioning(labels), generator=torch.Generator().manual_seed(1))
         logits = mixture.bayes_logits(result.latents)
@@ -248,19 +254,21 @@ def test_nlg_raises_bayes_accuracy_on_the_gaussian_mixture():
     print("base / NLG / gain +- stderr:", {k: tuple(round(v, 4) for v in r) for k, r in report.items()})
     for key in ("correct", "log_p_y"):
         _, _, gain, stderr = report[key]
-        assert gain > 4 * stderr and gain > 0.03
+        if timestep == "first":
+            assert gain > 4 * stderr and gain > 0.03
+        else:
+            assert gain > 3 * stderr and gain > 0.02
 
 
 # ---------------------------------------------------------------- configuration and bad input
 
 
 def test_registry_config_round_trip():
-    for module in (NLG(), NLG(steps=5, max_norm=None, noise_std=0.0, clamp=3.0, frozen_noise=True)):
+    for module in (NLG(), NLG(steps=5, max_norm=0.0, noise_std=0.0, clamp=3.0, frozen_noise=True, timestep="first")):
         rebuilt = from_config(json.dumps(module.config()))
         assert isinstance(rebuilt, NLG) and rebuilt.config() == module.config()
     assert isinstance(get_guidance("nlg"), NLG)
     assert NLG().noise_std == pytest.approx(math.sqrt(0.001))
-    assert scaled_max_norm(4 * 96 * 96) == 0.5 and scaled_max_norm(64) == pytest.approx(0.5 / 24)
 
 
 @pytest.mark.parametrize(
@@ -270,7 +278,8 @@ def test_registry_config_round_trip():
         ({"steps": 2.0}, TypeError, "steps"),
         ({"steps": True}, TypeError, "steps"),
         ({"step_size": 0.0}, ValueError, "step_size"),
-        ({"max_norm": 0.0}, ValueError, "max_norm"),
+        ({"max_norm": -0.1}, ValueError, "max_norm"),
+        ({"timestep": "last"}, ValueError, "timestep"),
         ({"noise_std": -0.1}, ValueError, "noise_std"),
         ({"clamp": 0.0}, ValueError, "clamp"),
         ({"renormalize": "yes"}, TypeError, "renormalize"),
@@ -290,3 +299,77 @@ def test_pipeline_nfe_and_refusal_without_an_unconditional_branch():
     no_null = tiny_class_pipeline(DDIMScheduler(clip_sample=False), null_class_label=None)
     with pytest.raises(ValueError, match="uncond"):
         no_null([1], guidance=NLG(steps=2), num_inference_steps=3, output_type="latent")
+
+
+# ---------------------------------------------------------------- size-scaled default clip (issue 17)
+
+
+def test_default_clip_is_the_official_tau_at_sd15_size_and_scales_as_sqrt_d():
+    assert NLG().max_norm is None
+    assert NLG().max_norm_for(torch.zeros(2, 4, 64, 64)) == 0.5  # SD 1.5 at 512 px: the official value
+    for shape in ((1, 8, 8), (4, 96, 96), (4, 128, 128), (16, 32, 32)):
+        elements = math.prod(shape)
+        assert NLG().max_norm_for(torch.zeros(1, *shape)) == pytest.approx(0.5 * math.sqrt(elements / 16384))
+    assert NLG().max_norm_for(torch.zeros(3, 1, 8, 8)) == pytest.approx(0.5 / 16)
+    assert NLG(max_norm=0.5).max_norm_for(torch.zeros(1, 1, 8, 8)) == 0.5  # an explicit value stays absolute
+    assert NLG(max_norm=0.0).max_norm_for(torch.zeros(1, 1, 8, 8)) is None  # 0: no clip
+    assert scaled_max_norm(16384) == 0.5 and scaled_max_norm(4 * 128 * 128) == pytest.approx(1.0)
+
+
+def test_official_configuration_is_the_literal_official_values():
+    official = NLG.official().config()
+    assert official == {"name": "nlg", "steps": 20, "step_size": 1.0, "max_norm": 0.5, "noise_std": math.sqrt(0.001),
+                        "renormalize": True, "clamp": None, "frozen_noise": False, "timestep": "max"}
+    assert from_config(json.dumps(official)).config() == official
+
+
+def test_zero_noise_without_perturbation_stays_finite():
+    """A zero vector cannot be rescaled to the shell (0/0): it stays zero instead of becoming NaN."""
+    zero = torch.zeros(2, *SHAPE, dtype=torch.float64)
+    refined = refine_step(zero, torch.zeros_like(zero), 1.0, 0.5, None)
+    assert torch.equal(refined, zero)
+    out, _ = refine(NLG(steps=2, noise_std=0.0), zero, conditioning=BranchConditioning(
+        {"cond": {"class_labels": torch.tensor([2, 3])}, "uncond": {"class_labels": torch.tensor([2, 3])}}))
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- faithfulness: t = 999 as the official code
+
+
+def official_refinement(unet, noise, labels, null_label, alphas_cumprod, steps=20, step_size=1.0, tau=0.5):
+    """``refine_noise`` transcribed from the official code's description (nlg.md §3), noise injection off:
+    t = 999 for every iteration, the batch duplicated as [uncond, cond] and fed as is (DDIM's scale_model_input is
+    the identity), eps-prediction, direction eps_c - eps_u, per-sample clip to tau, n - step * d, rescale to sqrt(D)."""
+    del alphas_cumprod  # an eps model needs no alpha, sigma (the v-pred branch would use them)
+    n = noise.clone()
+    batch = n.shape[0]
+    class_labels = torch.cat([torch.full((batch,), null_label), torch.as_tensor(labels)])
+    dim = n[0].numel()
+    for _ in range(steps):
+        eps = unet(torch.cat([n, n]), 999, class_labels=class_labels).sample
+        eps_uncond, eps_cond = eps[:batch], eps[batch:]
+        d = (eps_cond - eps_uncond).double()
+        norms = d.flatten(1).norm(dim=1)
+        d = torch.stack([d[b] * min(1.0, tau / float(norms[b])) for b in range(batch)])
+        n = (n.double() - step_size * d)
+        n = torch.stack([n[b] * math.sqrt(dim) / float(n[b].norm()) for b in range(batch)]).float()
+    return n
+
+
+def test_refined_noise_at_t999_equals_the_official_refinement_on_the_digits_model():
+    from pipelines import GuidedClassConditionalPipeline
+
+    pipe = GuidedClassConditionalPipeline.from_pretrained("samples/weights/digits")
+    pipe.set_progress_bar_config(disable=True)
+    labels = [3, 8]
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = official_refinement(pipe.unet, noise, labels, pipe.null_class_label, pipe.scheduler.alphas_cumprod)
+    refined = {}
+    for timestep in ("max", "first"):
+        spy = NoiseSpy()
+        rule = from_config({**NLG.official().config(), "noise_std": 0.0, "timestep": timestep})
+        pipe(labels, guidance=[rule, spy], num_inference_steps=30, latents=noise.clone(), output_type="latent")
+        refined[timestep] = spy.noise
+    assert float((refined["max"] - expected).abs().max()) < 1e-5
+    assert float((refined["first"] - expected).abs().max()) > 1e-3  # timesteps[0] = 957 is not what the code does

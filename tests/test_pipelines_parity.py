@@ -20,7 +20,7 @@ from diffusers import (
 
 from guidance import CFG, Branch, Guidance
 from pipelines import GuidedStableDiffusion3Pipeline, GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
-from tiny import one_thread, tiny_sd3_components, tiny_sd_components, tiny_sdxl_components  # noqa: F401
+from tiny import one_thread, tiny_sd3_components  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,21 +40,6 @@ CASES = {
         {"guidance_scale": 4.0, "guidance_rescale": 0.7},
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return tiny_sd_components(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return tiny_sdxl_components(tmp_path_factory.mktemp("sdxl"))
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return tiny_sd3_components(tmp_path_factory.mktemp("sd3"))
 
 
 def build(cls, components: dict, scheduler_cls=None):

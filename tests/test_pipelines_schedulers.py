@@ -18,7 +18,7 @@ from diffusers import (
 
 from guidance import APG, CFG
 from pipelines import GuidedStableDiffusion3Pipeline, GuidedStableDiffusionPipeline
-from tiny import one_thread, tiny_sd3_components, tiny_sd_components  # noqa: F401
+from tiny import one_thread, tiny_sd3_components  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,11 +51,6 @@ class RowCounter:
 
     def close(self) -> None:
         self.handle.remove()
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return tiny_sd_components(tmp_path_factory.mktemp("sd"))
 
 
 def generate(pipe, denoiser: torch.nn.Module, guidance, **kwargs):

@@ -19,7 +19,8 @@ from diffusers import (
 
 from guidance import APG, CFG, TAG, TAGCFG, AdaptiveGuidance, Guidance, from_config, get_guidance, resolve_guidance
 from guidance.cfg import classifier_free_guidance
-from guidance.tag import FAMILY_ETA, tangential_amplify, tangential_cfg
+from guidance.tag import FAMILY_ETA, tangential_amplify
+from guidance.tag_cfg import tangential_cfg
 from pipelines.conditioning import BranchConditioning
 from pipelines.loop import denoise
 from tests.gmm import two_class_mixture
