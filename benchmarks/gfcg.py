@@ -61,6 +61,7 @@ class Row:
     model_calls: int
     seconds: float
     correct: torch.Tensor = field(repr=False)  # [N] bool: the evaluator's verdict per sample (paired tests)
+    nfe_per_network: dict[str, float] = field(default_factory=dict)  # NFE per sample of each network
 
 
 def load_setup(weights: Path, smoke: bool, checkpoint: str = "digits-weak") -> Setup:
@@ -92,15 +93,15 @@ def load_setup(weights: Path, smoke: bool, checkpoint: str = "digits-weak") -> S
 
 
 def sample(setup: Setup, guidance: Guidance, labels: torch.Tensor, noise: torch.Tensor, steps: int):
-    """Clamped samples ``[N, 1, 8, 8]`` in [-1, 1], NFE per sample, batched model calls and seconds."""
+    """Clamped samples ``[N, 1, 8, 8]`` in [-1, 1], the pipeline output (NFE, model calls) and seconds."""
     start = time.perf_counter()
     out = setup.pipe(labels.tolist(), guidance=guidance, num_inference_steps=steps, latents=noise, output_type="latent")
-    return out.images.float().clamp(-1, 1), out.nfe, out.model_calls, time.perf_counter() - start
+    return out.images.float().clamp(-1, 1), out, time.perf_counter() - start
 
 
 @torch.no_grad()
 def measure(setup: Setup, method: str, scale: str, guidance: Guidance, labels, noise, steps: int) -> Row:
-    images, nfe, calls, seconds = sample(setup, guidance, labels, noise, steps)
+    images, out, seconds = sample(setup, guidance, labels, noise, steps)
     features = setup.evaluator.features(images)
     precision, recall = precision_recall(setup.real_features, features, k=3)
     correct = setup.evaluator.head(features).argmax(1) == labels
@@ -112,10 +113,11 @@ def measure(setup: Setup, method: str, scale: str, guidance: Guidance, labels, n
         fd=frechet_distance(features, setup.real_features),
         precision=precision,
         recall=recall,
-        nfe=float(nfe),
-        model_calls=calls,
+        nfe=float(out.nfe),
+        model_calls=out.model_calls,
         seconds=seconds,
         correct=correct,
+        nfe_per_network={name: float(value) for name, value in out.nfe_per_network.items()},
     )
 
 

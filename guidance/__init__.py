@@ -4,7 +4,7 @@ Build one by class (``APG(guidance_scale=7)``) or by name (``get_guidance("apg",
 ``resolve_guidance("nlg+apg+tag")``); pass a list to compose (``[NLG(), APG(), TAG()]``).
 """
 
-from guidance.base import Branch, Guidance, NoiseContext, Step
+from guidance.base import Branch, Guidance, Network, NoiseContext, Step
 from guidance.compose import ComposedGuidance
 from guidance.registry import available_guidance, from_config, get_guidance, register, resolve_guidance
 from guidance.cfg import CFG  # noqa: E402  (registration order: CFG first, it is the reference)
@@ -15,6 +15,7 @@ from guidance.linear_ag_fit import LinearAGCoefficients, fit_linear_ag  # noqa: 
 from guidance.tag import TAG  # noqa: E402
 from guidance.tag_cfg import TAGCFG  # noqa: E402
 from guidance.nlg import NLG  # noqa: E402
+from guidance.autoguidance import AutoGuidance  # noqa: E402
 from guidance.gfcg import GFCG  # noqa: E402
 from guidance.interval import GuidanceInterval  # noqa: E402
 from guidance.schedule import ScaleSchedule  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     # the rules
     "APG",
     "AdaptiveGuidance",
+    "AutoGuidance",
     "CFG",
     "DynamicCFG",
     "GFCG",
@@ -50,6 +52,7 @@ __all__ = [
     # writing a rule of your own
     "Branch",
     "Guidance",
+    "Network",
     "NoiseContext",
     "Step",
     "register",

@@ -29,11 +29,34 @@ class Branch:
     ``rows`` (long indices into the batch) restricts the evaluation to some samples; ``None`` means all.
     ``labels`` (one label id per evaluated row) selects the condition of a labelled branch from the pipeline's label
     set (class ids, or the prompts of a text-to-image label set).
+    ``network`` names the denoiser that evaluates the branch: ``None`` is the pipeline's own, any other name one of
+    the rule's :attr:`Guidance.networks` (Autoguidance's guiding model), called like the pipeline's own.
+    ``condition`` names the branch whose keywords it takes (default: ``name``), so a branch of another network can
+    read the ``cond`` condition under a name of its own.
     """
 
     name: str
     rows: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    network: str | None = None
+    condition: str | None = None
+
+    @property
+    def keywords(self) -> str:
+        """The name of the branch whose conditioning keywords this branch uses."""
+        return self.name if self.condition is None else self.condition
+
+
+@dataclass(frozen=True)
+class Network:
+    """Another denoiser a rule evaluates branches with (Autoguidance's guiding model).
+
+    ``module`` takes the pipeline's own denoiser's call (the same keywords, the same rows); ``prediction_type``
+    (``"epsilon"``, ``"v_prediction"``, ``"sample"``, ``"flow"``), when known, is checked against the pipeline's.
+    """
+
+    module: Any
+    prediction_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +144,11 @@ class Guidance:
     #: the smallest ``guidance_scale`` the rule accepts, for rules whose hooks read ``self.guidance_scale`` at call
     #: time, so that :class:`~guidance.schedule.ScaleSchedule` may set it per step; ``None``: no such scale
     scale_low: ClassVar[float | None] = None
+
+    @property
+    def networks(self) -> Mapping[str, Network]:
+        """Denoisers besides the pipeline's own that this rule's branches name (:attr:`Branch.network`)."""
+        return {}
 
     def reset(self) -> None:
         """Forget all per-generation state (called at the start of every generation)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from guidance.base import Branch, Guidance, NoiseContext, Predictions, Step
+from guidance.base import Branch, Guidance, Network, NoiseContext, Predictions, Step
 
 
 class ComposedGuidance(Guidance):
@@ -41,6 +41,16 @@ class ComposedGuidance(Guidance):
         self.modules = modules
         self._combiner = combiners[0] if combiners else Guidance()
         self.required_branches = frozenset().union(*(m.required_branches for m in modules))
+
+    @property
+    def networks(self) -> dict[str, Network]:
+        merged: dict[str, Network] = {}
+        for module in self.modules:
+            for name, network in module.networks.items():
+                if name in merged and merged[name].module is not network.module:
+                    raise ValueError(f"two composed rules name different networks {name!r}")
+                merged[name] = network
+        return merged
 
     def reset(self) -> None:
         for module in self.modules:

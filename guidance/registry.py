@@ -11,6 +11,9 @@ One resolver for every place a guidance is accepted (pipelines, ``guidance-gener
   (the label names the method in tables and grids); in JSON configs the string ``"$scale"`` stands for the scale;
 * a list or tuple of any of these (composed in order).
 
+In ``a+b`` a rule that takes the next one as an argument of that name gets it nested instead of composed
+(``gfcg+autoguidance``: ``GFCG(autoguidance=AutoGuidance(...))``, both given the scale).
+
 ``guidance_scale`` given to :func:`resolve_guidance` goes to every module built from a *name* whose constructor takes
 one (the innermost rule of a wrapped term), and replaces ``"$scale"`` in configs; configured modules and dicts carry their own scale. ``inputs`` supplies
 constructor arguments a config leaves out (GFCG's ``classifier``, LinearAG's ``coefficients`` ...). A rule whose
@@ -119,8 +122,30 @@ def parse_guidance(spec: str, guidance_scale: float | None = None) -> tuple[str,
         return guidance_label(text), substitute_scale(_load_json(rest, repr(label.strip())), guidance_scale)
     from guidance.spec import term_config  # the term syntax builds on this module
 
-    parts = [term_config(term, guidance_scale) for term in text.split("+")]
+    parts = nest_rules([term_config(term, guidance_scale) for term in text.split("+")])
     return text, parts[0] if len(parts) == 1 else parts
+
+
+def nest_rules(configs: list[Any]) -> list[Any]:
+    """The configs of a ``+``-joined string with each one whose rule takes the next one's rule as the argument of
+    that name nested into it (``gfcg+autoguidance``: GFCG's ``autoguidance=``); the others stay, to be composed."""
+    out: list[Any] = []
+    for config in configs:
+        previous = out[-1] if out else None
+        name = config.get("name") if isinstance(config, dict) else None
+        if isinstance(previous, dict) and isinstance(name, str) and name not in previous and isinstance(
+                previous.get("name"), str) and takes(previous["name"], name):
+            out[-1] = {**previous, name: config}
+        else:
+            out.append(config)
+    return out
+
+
+def nested_specs() -> list[str]:
+    """``outer+inner`` for every pair of registered rules where one takes the other (``gfcg+autoguidance``): the
+    combinations the command lines run by default besides the registered names."""
+    names = available_guidance()
+    return [f"{outer}+{inner}" for outer in names for inner in names if outer != inner and takes(outer, inner)]
 
 
 def supply(config: Any, inputs: Mapping[str, Any], names: Iterable[str] | None = None) -> tuple[Any, frozenset[str]]:

@@ -40,12 +40,13 @@ from typing import Any
 
 import torch
 
-from guidance.base import Branch, Guidance
+from guidance.base import Branch, Guidance, Network
 from guidance.registry import resolve_guidance
 from pipelines.conditioning import BranchConditioning, batch_tree, take
 from pipelines.families import Family, family_of
-from pipelines.run import GuidedRun, RunReport, check_branches, check_steps
-from pipelines.schedulers import scheduler_family
+from pipelines.networks import check_guiding_module
+from pipelines.run import GuidedRun, ModelFn, RunReport, check_branches, check_steps, network_functions
+from pipelines.schedulers import prediction_type_of, scheduler_family
 
 #: the ``true_cfg_scale`` an attached Flux call runs with; the second call's answer inverts the parent's combination
 TRUE_CFG_SCALE = 2.0
@@ -68,6 +69,8 @@ def check_servable(pipe: Any, guidance: Guidance, family: Family, label_set: boo
             "this UNet has a distilled guidance embedding (time_cond_proj_dim, e.g. an LCM): guidance does not apply"
         )
     scheduler_family(pipe.scheduler)
+    network_functions(guidance, lambda network: check_guiding_module(network.module, denoiser),
+                      prediction_type_of(pipe.scheduler))
     names = {"cond": {}, "uncond": {}}
     check_branches(guidance, BranchConditioning(names, {"labels": torch.zeros(1)} if label_set else None))
     if guidance.uses("prepare_noise") and (not family.starts_from_noise or family.layout != "batched"):
@@ -318,7 +321,8 @@ class _Call:
             remaining = len(self.scheduler.timesteps) - index
             steps = math.ceil(remaining / getattr(self.scheduler, "order", 1))
             self.run = GuidedRun(
-                self.guidance, self.scheduler, steps, self.decode, self.generator, self.attachment.check_finite
+                self.guidance, self.scheduler, steps, self.decode, self.generator, self.attachment.check_finite,
+                self.network_fn,
             )
         tree = batch_tree(arguments, x.shape[0], self.family.shared_keywords)
 
@@ -331,6 +335,16 @@ class _Call:
         else:
             out = self.sequential(x, tree, index, timestep, model_fn)
         return (out,) if return_dict is False else _output(module, out)
+
+    def network_fn(self, network: Network) -> ModelFn:
+        """Another denoiser (Autoguidance's guiding model) called with the keywords the pipeline gave its own."""
+        check_guiding_module(network.module, self.denoiser)
+        guide, sample_name = network.module, self.sample_name
+
+        def guide_fn(inputs: torch.Tensor, t: torch.Tensor, **branch_kwargs: Any) -> torch.Tensor:
+            return guide(**{sample_name: inputs, **branch_kwargs, "return_dict": False})[0]
+
+        return guide_fn
 
     def schedule_index(self, timestep: torch.Tensor) -> int:
         """The scheduler's index of this evaluation, as the scheduler resolves it in ``step``: its ``step_index``,

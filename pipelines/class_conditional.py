@@ -16,11 +16,12 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidance.base import Guidance
+from guidance.base import Guidance, Network
 from pipelines.common import GuidedPipelineOutput, pipeline_guidance
 from pipelines.conditioning import BranchConditioning
 from pipelines.families import decode_float32
 from pipelines.loop import LoopResult, denoise
+from pipelines.networks import check_guiding_module
 from pipelines.run import check_steps
 
 
@@ -60,6 +61,7 @@ def run_guided_loop(
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     callback_tensors: Mapping[str, torch.Tensor] | None = None,
     check_finite: bool = True,
+    network_fn: Callable[..., Callable[..., torch.Tensor]] | None = None,
 ) -> LoopResult:
     """:func:`pipelines.loop.denoise` on ``pipe.scheduler`` with the pipeline's progress bar and callback.
 
@@ -95,6 +97,7 @@ def run_guided_loop(
             on_step_end=on_step_end,
             progress=progress,
             check_finite=check_finite,
+            network_fn=network_fn,
         )
 
 
@@ -174,16 +177,18 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
             raise ValueError("class_labels must not be empty")
         return ids
 
-    def _model_fn(self) -> Callable[..., torch.Tensor]:
+    def _model_fn(self, module: torch.nn.Module | None = None) -> Callable[..., torch.Tensor]:
+        """``model_fn(x, t, class_labels)`` calling ``module`` (default: the pipeline's own denoiser) the way this
+        pipeline calls its UNet or DiT."""
         if self.unet is not None:
-            unet = self.unet
+            unet = self.unet if module is None else module
 
             def unet_fn(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
                 out = unet(x.to(unet.dtype), t, class_labels=class_labels, return_dict=False)[0]
                 return out[:, : x.shape[1]]
 
             return unet_fn
-        transformer = self.transformer
+        transformer = self.transformer if module is None else module
 
         def dit_fn(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
             timesteps = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
@@ -191,6 +196,11 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
             return out[:, : x.shape[1]]  # drop learned-variance channels
 
         return dit_fn
+
+    def _network_fn(self, network: Network) -> Callable[..., torch.Tensor]:
+        """The model function of another denoiser (Autoguidance's guiding model), checked against this one's."""
+        check_guiding_module(network.module, self.denoiser)
+        return self._model_fn(network.module)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents (or pixels) -> pixels in [-1, 1] for guidance rules, float32 (a VAE decodes in float32)."""
@@ -280,6 +290,7 @@ class GuidedClassConditionalPipeline(DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             check_finite=check_finite,
+            network_fn=self._network_fn,
         )
 
         if output_type == "latent":

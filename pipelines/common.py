@@ -23,8 +23,10 @@ from pipelines.run import RunReport
 
 @dataclass
 class GuidedPipelineOutput(BaseOutput):
-    """Images plus what the guidance cost: ``nfe`` network evaluations per image (``nfe_per_sample`` each),
-    ``model_calls`` batched forwards, and ``trace`` (the branches evaluated at every model evaluation)."""
+    """Images plus what the guidance cost: ``nfe`` network evaluations per image (``nfe_per_sample`` each; rows of
+    every network), ``model_calls`` batched forwards, ``trace`` (the branches evaluated at every model evaluation)
+    and ``nfe_per_network`` (evaluations per image of each network: ``"main"``, plus e.g. Autoguidance's
+    ``"guiding"``)."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nfe: int | float
@@ -32,10 +34,13 @@ class GuidedPipelineOutput(BaseOutput):
     model_calls: int
     trace: list[dict[str, Any]]
     nsfw_content_detected: list[bool] | None = None
+    nfe_per_network: dict[str, int | float] | None = None
 
     @classmethod
     def from_loop(cls, images: Any, result: RunReport, nsfw: list[bool] | None = None) -> GuidedPipelineOutput:
-        return cls(images, result.nfe, result.nfe_per_sample, result.model_calls, result.trace, nsfw)
+        return cls(
+            images, result.nfe, result.nfe_per_sample, result.model_calls, result.trace, nsfw, result.nfe_per_network
+        )
 
 
 def pipeline_guidance(

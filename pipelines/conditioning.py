@@ -141,9 +141,9 @@ class BranchConditioning:
                     f"branch {branch.name!r}: labels must be in [0, {self.num_labels - 1}], got {labels.tolist()}"
                 )
             return overlay(take(self.branches["cond"], rows), take(self.label_set, labels))
-        if branch.name not in self.branches:
-            raise ValueError(f"this pipeline cannot evaluate the branch {branch.name!r}")
-        return take(self.branches[branch.name], rows)
+        if branch.keywords not in self.branches:
+            raise ValueError(f"this pipeline cannot evaluate the branch {branch.keywords!r}")
+        return take(self.branches[branch.keywords], rows)
 
     def gather(self, branches: Sequence[Branch], rows: Sequence[torch.Tensor]) -> Kwargs:
         """Concatenated keyword arguments for ``branches`` (each restricted to its ``rows``), in order."""

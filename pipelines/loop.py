@@ -17,7 +17,7 @@ import torch
 
 from guidance.base import Guidance
 from pipelines.conditioning import BranchConditioning
-from pipelines.run import Generator, GuidedRun, ModelFn, RunReport, check_branches
+from pipelines.run import Generator, GuidedRun, ModelFn, NetworkFn, RunReport, check_branches
 
 
 @dataclass
@@ -42,6 +42,7 @@ def denoise(
     on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: Any = None,
     check_finite: bool = True,
+    network_fn: NetworkFn | None = None,
 ) -> LoopResult:
     """Sample from ``latents`` (already multiplied by ``scheduler.init_noise_sigma``) with ``guidance``.
 
@@ -55,9 +56,11 @@ def denoise(
         progress: anything with ``update()``, advanced once per completed step.
         check_finite: raise ``FloatingPointError`` when a network output holds NaN / inf (read back every 10
             evaluations and at the end, so no host synchronisation per evaluation); ``False`` skips it.
+        network_fn: ``network_fn(network) -> model_fn`` for the rule's other denoisers (Autoguidance's guiding
+            model), called with ``model_fn``'s convention; needed only by rules that declare one.
     """
     check_branches(guidance, conditioning)
-    run = GuidedRun(guidance, scheduler, num_inference_steps, decode, generator, check_finite)
+    run = GuidedRun(guidance, scheduler, num_inference_steps, decode, generator, check_finite, network_fn)
     if guidance.uses("prepare_noise"):
         noise = latents / run.init_noise_sigma
         refined = run.prepare_noise(noise, 0, timesteps[0], model_fn, conditioning)
@@ -77,4 +80,4 @@ def denoise(
 
     run.check_finite()
     report = run.report()
-    return LoopResult(report.nfe_per_sample, report.model_calls, report.trace, latents=latents)
+    return LoopResult(report.nfe_per_sample, report.model_calls, report.trace, report.rows_per_network, latents)

@@ -17,31 +17,46 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidance.base import Branch, Guidance, Step
+from guidance.base import Branch, Guidance, Network, Step
 from pipelines.conditioning import BranchConditioning
 from pipelines.schedulers import SchedulerAdapter
 
 ModelFn = Callable[..., torch.Tensor]
+#: ``network_fn(network) -> model_fn``: how an integration calls another denoiser (:class:`~guidance.base.Network`)
+#: with its own denoiser's call convention; it refuses, with a ``ValueError``, a module that cannot take that call
+NetworkFn = Callable[[Network], ModelFn]
 Generator = torch.Generator | list[torch.Generator] | None
 Predictions = dict[str, torch.Tensor]
+#: the name the report gives the pipeline's own denoiser (``nfe_per_network``); no rule's network may take it
+MAIN_NETWORK = "main"
 
 
 @dataclass
 class RunReport:
-    """What a generation's guidance cost: network evaluations per sample, batched forwards, and a per-evaluation
-    trace of the branches evaluated (``step`` -1 marks evaluations before the loop, e.g. NLG's)."""
+    """What a generation's guidance cost: network evaluations per sample (rows of every network), batched forwards,
+    a per-evaluation trace of the branches evaluated (``step`` -1 marks evaluations before the loop, e.g. NLG's) and
+    the rows of each network per sample (``"main"``: the pipeline's own denoiser; Autoguidance adds ``"guiding"``)."""
 
     nfe_per_sample: list[int]
     model_calls: int
     trace: list[dict[str, Any]] = field(default_factory=list)
+    rows_per_network: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def nfe_per_network(self) -> dict[str, int | float]:
+        """Network evaluations per image of each network (they add up to :attr:`nfe`)."""
+        return {name: _per_image(counts) for name, counts in self.rows_per_network.items()}
 
     @property
     def nfe(self) -> int | float:
         """Network evaluations per image (an int when every sample had the same count, else their mean)."""
-        counts = self.nfe_per_sample
-        if not counts:
-            return 0
-        return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
+        return _per_image(self.nfe_per_sample)
+
+
+def _per_image(counts: Sequence[int]) -> int | float:
+    if not counts:
+        return 0
+    return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
 
 
 def derive_generator(generator: Generator, salt: int) -> Generator:
@@ -88,6 +103,8 @@ class GuidedRun:
         decode: denoised estimate -> pixels in [-1, 1], for rules that read images (GFCG).
         generator: the pipeline's generator(s); guidance randomness is derived from it without consuming it.
         check_finite: check every network output for NaN / inf (:class:`FiniteCheck`); ``False`` skips the check.
+        network_fn: how to call the rule's other denoisers (:attr:`Guidance.networks`, e.g. Autoguidance's guiding
+            model) with this integration's call convention; each is built and checked here, before any work.
     """
 
     def __init__(
@@ -98,6 +115,7 @@ class GuidedRun:
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: Generator = None,
         check_finite: bool = True,
+        network_fn: NetworkFn | None = None,
     ) -> None:
         self.guidance = guidance
         self.scheduler = scheduler
@@ -106,7 +124,10 @@ class GuidedRun:
         self.decode = decode
         self.generator = generator
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
-        self.counts: torch.Tensor | None = None
+        self.network_fns = network_functions(guidance, network_fn, self.adapter.prediction_type)
+        self.counts: torch.Tensor | None = None  # rows per sample, every network
+        self.network_counts: dict[str, torch.Tensor] = {}  # rows per sample, per network
+        self._main_shape: torch.Size | None = None  # per-row shape of the pipeline's own denoiser's output
         self.calls = 0
         self.trace: list[dict[str, Any]] = []
         self.completed = 0
@@ -147,11 +168,35 @@ class GuidedRun:
         model_input: torch.Tensor,
         trace: dict[str, int],
     ) -> Predictions:
-        """Evaluate ``branches`` for the rows of ``step`` in one batched call of ``model_fn``; count every row.
+        """Evaluate ``branches`` for the rows of ``step``: one batched call of ``model_fn`` for the branches of the
+        pipeline's own denoiser, then one per other network (:attr:`Branch.network`); count every row.
 
         ``model_input`` holds the network input of each sample (``step.sample``, plus any channels the network is
         conditioned on, e.g. an inpainting mask).
         """
+        groups: dict[str | None, list[Branch]] = {}
+        for branch in branches:
+            groups.setdefault(branch.network, []).append(branch)
+        preds: Predictions = {}
+        for network in sorted(groups, key=lambda name: name is not None):  # the pipeline's own denoiser first
+            if network is not None and network not in self.network_fns:
+                raise ValueError(f"{self.guidance!r} requested a branch of network {network!r}, which it does not "
+                                 f"declare (its networks: {sorted(self.network_fns)})")
+            fn = model_fn if network is None else self.network_fns[network]
+            preds.update(self._forward(step, groups[network], fn, conditioning, model_input, trace, network))
+        return preds
+
+    def _forward(
+        self,
+        step: Step,
+        branches: Sequence[Branch],
+        model_fn: ModelFn,
+        conditioning: BranchConditioning,
+        model_input: torch.Tensor,
+        trace: dict[str, int],
+        network: str | None,
+    ) -> Predictions:
+        """One batched call of ``model_fn`` (the denoiser ``network``, ``None``: the pipeline's own)."""
         local = torch.arange(step.sample.shape[0])
         rows = [local if b.rows is None else b.rows.long().cpu() for b in branches]
         preds = {b.name: step.sample.new_zeros((0, *step.sample.shape[1:])) for b in branches}
@@ -163,16 +208,32 @@ class GuidedRun:
         kwargs = conditioning.gather([b for b, _ in active], [r for _, r in active])
         out = model_fn(x, step.timestep, **kwargs)
         self.calls += 1
+        self._check_shape(out, x.shape[0], step, network)
         if self.finite is not None:
             self.finite.add(out, step, [(b.name, r.numel()) for b, r in active])
         if self.counts is None:
             self.counts = torch.zeros(step.batch_size, dtype=torch.long)
+        name = MAIN_NETWORK if network is None else network
+        counts = self.network_counts.setdefault(name, torch.zeros(step.batch_size, dtype=torch.long))
         for (branch, r), part in zip(active, out.split([r.numel() for _, r in active])):
             preds[branch.name] = part
             absolute = r if step.rows is None else step.rows.cpu()[r]
             self.counts.index_add_(0, absolute, torch.ones_like(absolute))
+            counts.index_add_(0, absolute, torch.ones_like(absolute))
             trace[branch.name] = trace.get(branch.name, 0) + r.numel()
         return preds
+
+    def _check_shape(self, out: torch.Tensor, rows: int, step: Step, network: str | None) -> None:
+        """Another network's predictions must have the shape of the pipeline's own denoiser's."""
+        if network is None:
+            self._main_shape = out.shape[1:]
+            return
+        expected = (rows, *(step.sample.shape[1:] if self._main_shape is None else self._main_shape))
+        if tuple(out.shape) != expected:
+            raise ValueError(
+                f"the network {network!r} returned predictions of shape {tuple(out.shape)} where the pipeline's own "
+                f"denoiser's are {expected}: a guiding model must predict the same tensor (channels, resolution)"
+            )
 
     def complete(
         self,
@@ -268,7 +329,30 @@ class GuidedRun:
 
     def report(self) -> RunReport:
         counts = [] if self.counts is None else self.counts.tolist()
-        return RunReport(nfe_per_sample=counts, model_calls=self.calls, trace=self.trace)
+        per_network = {name: rows.tolist() for name, rows in self.network_counts.items()}
+        return RunReport(nfe_per_sample=counts, model_calls=self.calls, trace=self.trace, rows_per_network=per_network)
+
+
+def network_functions(guidance: Guidance, network_fn: NetworkFn | None, prediction_type: str) -> dict[str, ModelFn]:
+    """The model function of every network the rule declares besides the pipeline's own, checked: a known
+    prediction type must be the pipeline's, and the integration's ``network_fn`` refuses a module it cannot call."""
+    networks = guidance.networks
+    if not networks:
+        return {}
+    if network_fn is None:
+        raise ValueError(f"{guidance!r} evaluates another network ({', '.join(networks)}), which this integration "
+                         "cannot call")
+    functions = {}
+    for name, network in networks.items():
+        if name == MAIN_NETWORK:
+            raise ValueError(f"a rule's network may not be called {MAIN_NETWORK!r} (the pipeline's own denoiser)")
+        if network.prediction_type is not None and network.prediction_type != prediction_type:
+            raise ValueError(
+                f"the network {name!r} predicts {network.prediction_type!r} but this pipeline's scheduler expects "
+                f"{prediction_type!r}: a guiding model must have the pipeline's prediction type"
+            )
+        functions[name] = network_fn(network)
+    return functions
 
 
 class FiniteCheck:

@@ -40,6 +40,16 @@ def scheduler_family(scheduler: object) -> str:
     raise ValueError(f"scheduler {name} is not supported by the guided denoising loop")
 
 
+def prediction_type_of(scheduler: object) -> str:
+    """What a denoiser paired with ``scheduler`` predicts: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or
+    ``"flow"`` (flow-matching schedulers and flow-sigma configurations)."""
+    config = scheduler.config  # type: ignore[attr-defined]
+    declared = config.get("prediction_type", "epsilon")
+    if scheduler_family(scheduler) == "flow" or declared == "flow_prediction" or config.get("use_flow_sigmas", False):
+        return "flow"
+    return declared
+
+
 class SchedulerAdapter:
     """Noise levels, model-input scaling and step completion for one scheduler (see the module docstring)."""
 
@@ -47,12 +57,7 @@ class SchedulerAdapter:
         self.scheduler = scheduler
         self.family = scheduler_family(scheduler)
         self.num_evaluations = num_evaluations
-        config = scheduler.config  # type: ignore[attr-defined]
-        declared = config.get("prediction_type", "epsilon")
-        if self.family == "flow" or declared == "flow_prediction" or config.get("use_flow_sigmas", False):
-            self.prediction_type = "flow"
-        else:
-            self.prediction_type = declared
+        self.prediction_type = prediction_type_of(scheduler)
         # host copies of the tables, read once per generation: no device synchronisation per evaluation
         sigmas = getattr(scheduler, "sigmas", None)
         self._sigmas = None if sigmas is None else torch.as_tensor(sigmas).detach().cpu()

@@ -85,7 +85,8 @@ def add_shared_arguments(
         "--guidance", "--methods", dest="guidance", nargs="+", metavar="GUIDANCE",
         help="registered names, names joined by '+' to compose (nlg+apg+tag), with @KEY=VALUE arguments and "
         "wrappers (cfg@interval=0.28,2, cfg@schedule=cosine), or LABEL=JSON configs in which \"$scale\" stands for "
-        "the scale (default: every registered method)",
+        "the scale; a+b nests b in a when a takes it, gfcg+autoguidance (default: every registered method, then "
+        "gfcg+autoguidance)",
     )
     parser.add_argument(
         "--scale", "--scales", dest="scale", type=float, nargs="+" if many_scales else None, default=scale_default,
@@ -96,6 +97,19 @@ def add_shared_arguments(
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: %(default)s)")
     parser.add_argument("--out", "--output", "-o", dest="out", default=out, help="output folder (default: %(default)s)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output (results and errors only)")
+    parser.add_argument(
+        "--guiding-model", help="autoguidance's guiding model: a pipeline folder or hub id (default: "
+        "samples/weights/digits-weak for the embedded digits model, else none)",
+    )
+
+
+def guiding_model(requested: str | None, embedded: bool) -> str | None:
+    """``--guiding-model``, or the embedded model's weaker checkpoint (``samples/weights/digits-weak``) for it."""
+    from samples.digits_nets import WEIGHTS_DIR
+
+    if requested is not None:
+        return requested
+    return str(WEIGHTS_DIR / "digits-weak") if embedded else None
 
 
 class PlainProgress:

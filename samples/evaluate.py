@@ -64,7 +64,7 @@ from samples.features import (
     reference_extractor_id,
     to_uint8,
 )
-from samples.loading import DTYPES, load_pipeline, set_scheduler
+from samples.loading import DTYPES, load_guiding_model, load_pipeline, set_scheduler
 from samples.metrics import feature_statistics, frechet_distance_from_statistics
 from samples.precision_recall import K_DEFAULT, precision_recall
 from samples.saturation import DEFINITIONS, OVERSHOOT_MARGIN, saturation_kind
@@ -127,6 +127,20 @@ def check_output(out: Path) -> None:
             pass
     except OSError as error:
         raise UsageError(f"--out {out}: cannot create or write the folder ({error.strerror or error})") from None
+
+
+def guiding_model_path(args: argparse.Namespace) -> str | None:
+    """Autoguidance's guiding model (``--guiding-model``, or the weak digits checkpoint for the embedded model)."""
+    embedded = Path(args.model).expanduser().resolve() == EMBEDDED_MODEL.resolve()
+    return cli.guiding_model(args.guiding_model, embedded)
+
+
+def guiding_model_id(path: str | None) -> str | None:
+    """The guiding model's path and the digests of its weight files (they enter the hash of its cells)."""
+    if path is None:
+        return None
+    files = sorted(Path(path).expanduser().glob("*/*.safetensors"))
+    return f"{path}:{','.join(file_digest(f) for f in files)}"
 
 
 def classifier_weights(args: argparse.Namespace) -> Path:
@@ -317,12 +331,22 @@ def run(args: argparse.Namespace) -> int:
         "coefficients": f"fitted with CFG at the cell's scale on {CALIBRATION_IMAGES} calibration images",
         "model_id": args.model,
         "scheduler": scheduler,
+        "model": guiding_model_id(guiding_model_path(args)),
+        "prediction_type": "the guiding model's scheduler's prediction type",
     }
     material = fingerprint(args.model, pipe, task, args.dtype, args.shard_size)
     cells = plan_cells(args.guidance or default_methods(), args.scale, material, supplied, args.batch_size)
     inputs: dict[str, Any] = {"model_id": args.model, "scheduler": scheduler}
     if any("classifier" in cell.needs for cell in cells):
         inputs["classifier"] = guidance_classifier(args, task, device)
+    if any("model" in cell.needs for cell in cells):
+        guide = guiding_model_path(args)
+        if guide is None:
+            raise UsageError("autoguidance needs a guiding model: pass --guiding-model (a pipeline folder or hub id)")
+        try:
+            inputs["model"], inputs["prediction_type"] = load_guiding_model(guide, device, DTYPES[args.dtype])
+        except (OSError, ValueError) as error:
+            raise UsageError(str(error)) from None
     out = Path(args.out)
     check_manifest(out, extractor.id)
     plans = {cell.key: shards.plan(cell.key, args.num_samples, args.shard_size) for cell in cells}

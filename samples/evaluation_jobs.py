@@ -9,7 +9,9 @@ A ``--guidance`` entry is read by the one resolver of :mod:`guidance.registry` (
 (``cfg@interval=0.28,2``, ``cfg@schedule=cosine``: the scale goes to the innermost rule), names joined by ``+``
 (composed in order; every module that takes ``guidance_scale`` gets the scale), or ``LABEL=JSON``: a guidance config
 in which the string ``"$scale"`` stands for the scale. Constructor arguments a config
-leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: GFCG's ``classifier`` (the guidance classifier,
+leaves out and the tool can supply (:data:`SUPPLIED`) are filled in: Autoguidance's ``model`` and ``prediction_type``
+(the guiding model, ``--guiding-model``; ``gfcg+autoguidance`` nests it in GFCG, both at the cell's scale), GFCG's
+``classifier`` (the guidance classifier,
 never the evaluation network), and LinearAG's ``coefficients`` (fitted per cell with CFG at the cell's scale on
 calibration images with other seeds, :func:`fit_coefficients`; at scale 1 CFG has no unconditional branch to
 estimate, so such a cell runs CFG at 1), ``model_id`` and ``scheduler``. A cell's folder name
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from guidance import Guidance, available_guidance, resolve_guidance
-from guidance.registry import guidance_class, guidance_label, parse_guidance, supply, takes
+from guidance.registry import guidance_class, guidance_label, nested_specs, parse_guidance, supply, takes
 from guidance.spec import parse_term
 from pipelines import GuidedClassConditionalPipeline
 from samples.digits_data import NUM_CLASSES
@@ -53,7 +55,7 @@ class GenerationError(RuntimeError):
 
 
 #: constructor arguments the tool supplies when a method's config leaves them out (see :func:`build_guidance`)
-SUPPLIED = ("classifier", "coefficients", "model_id", "scheduler")
+SUPPLIED = ("classifier", "coefficients", "model_id", "scheduler", "model", "prediction_type")
 #: fitted coefficients (LinearAG) are fitted on this many calibration images, with seeds this far from the sampled ones
 CALIBRATION_IMAGES = 100
 CALIBRATION_SEED_OFFSET = 1_000_003
@@ -77,7 +79,8 @@ def _has_scale(name: str) -> bool:
 
 
 def default_methods() -> list[str]:
-    """Every registered method; a rule without a scale of its own is composed with CFG (``nlg+cfg``, ``cfg+tag``)."""
+    """Every registered method; a rule without a scale of its own is composed with CFG (``nlg+cfg``, ``cfg+tag``);
+    then the nested combinations (``gfcg+autoguidance``)."""
     methods = []
     for name in available_guidance():
         if _has_scale(name):
@@ -85,7 +88,7 @@ def default_methods() -> list[str]:
         else:
             noise_rule = guidance_class(name).prepare_noise is not Guidance.prepare_noise
             methods.append(f"{name}+cfg" if noise_rule else f"cfg+{name}")
-    return methods
+    return methods + nested_specs()
 
 
 def method_config(spec: str, scale: float) -> tuple[str, Any]:
@@ -165,7 +168,8 @@ def plan_cells(
                 # is conditional sampling, and the cell runs it as such (its config says so)
                 config, needs = {"name": "cfg", "guidance_scale": 1.0}, frozenset()
             if "coefficients" not in needs:
-                stand_ins = {"classifier": torch.nn.Identity(), "model_id": "", "scheduler": ""}
+                stand_ins = {"classifier": torch.nn.Identity(), "model_id": "", "scheduler": "",
+                             "model": torch.nn.Identity()}
                 try:
                     build_guidance(config, stand_ins)
                 except (TypeError, ValueError) as error:

@@ -23,6 +23,7 @@ from samples import cli  # noqa: E402  (first: quiet third-party start-up, and t
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -35,10 +36,17 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from huggingface_hub.utils import logging as hub_logging  # noqa: E402
 
 from guidance import Guidance, available_guidance, resolve_guidance  # noqa: E402
-from guidance.registry import guidance_label, parse_guidance, supply  # noqa: E402
+from guidance.registry import guidance_label, nested_specs, parse_guidance, supply  # noqa: E402
 from pipelines import GuidedClassConditionalPipeline  # noqa: E402
 from samples.grid import labelled_grid  # noqa: E402
-from samples.loading import DTYPES, load_pipeline, pipeline_class, read_class_name, set_scheduler  # noqa: E402
+from samples.loading import (  # noqa: E402
+    DTYPES,
+    load_guiding_model,
+    load_pipeline,
+    pipeline_class,
+    read_class_name,
+    set_scheduler,
+)
 from samples.method_inputs import MethodInputs, fit_linear_ag_coefficients, generators  # noqa: E402
 
 _IMPORT_SECONDS = time.perf_counter() - _START
@@ -134,6 +142,11 @@ def resolve_device(name: str | None) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return name
+
+
+def default_methods() -> list[str]:
+    """What the main job runs: every registered method, then the nested combinations (``gfcg+autoguidance``)."""
+    return available_guidance() + nested_specs()
 
 
 def build_guidance(spec: str, scale: float | None, inputs: MethodInputs) -> tuple[str, Guidance, list[str]]:
@@ -307,6 +320,11 @@ def open_session(args: argparse.Namespace) -> Session:
     scale = args.scale if args.scale is not None else (DIGITS_SCALE if embedded else None)
 
     inputs = MethodInputs()
+    guide = cli.guiding_model(args.guiding_model, embedded)
+    if guide is not None:  # Autoguidance's model and its prediction type, loaded on first use
+        guiding = functools.cache(lambda: load_guiding_model(guide, device, DTYPES[args.dtype]))
+        inputs.provide("model", make=lambda: (guiding()[0], f"guiding model {guide}"))
+        inputs.provide("prediction_type", make=lambda: (guiding()[1], ""))
     inputs.provide("model_id", model)
     inputs.provide("scheduler", pipe.scheduler)
     inputs.provide("coefficients", make=lambda: fit_linear_ag_coefficients(
@@ -384,7 +402,7 @@ def sample_methods(
 def run(args: argparse.Namespace) -> int:
     """The job behind :func:`main` (arguments already parsed); 1 if a method failed while sampling, else 0."""
     start = time.perf_counter()
-    specs = args.guidance or available_guidance()
+    specs = args.guidance or default_methods()
     check_guidance_names(specs)
     session = open_session(args)
     header = describe(session, args)

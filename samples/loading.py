@@ -137,3 +137,13 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
         kind = "a flow-matching" if model_is_flow else "a noise-prediction (VP)"
         raise ValueError(f"scheduler {name!r} does not fit {kind} model ({type(pipe.scheduler).__name__})")
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+
+
+def load_guiding_model(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, str]:
+    """Autoguidance's guiding model from the pipeline stored at ``model``: its denoiser (``unet`` or ``transformer``)
+    and what it predicts (from its own scheduler's config, checked against the sampled pipeline's)."""
+    from pipelines.attach import denoiser_of
+    from pipelines.schedulers import prediction_type_of
+
+    pipe = load_pipeline(model, device, dtype)
+    return denoiser_of(pipe).eval(), prediction_type_of(pipe.scheduler)

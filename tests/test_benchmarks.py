@@ -89,3 +89,21 @@ def test_gpu_throughput_smoke_run_covers_every_candidate(tmp_path):
     assert nfe["plain CFG"] == nfe["cfg"] == nfe["apg"] == nfe["tag"] == nfe["Guided* CFG"] == 4  # 2 DDIM steps
     assert nfe["nlg"] == 4 + 2 * 2 and nfe["ag"] <= 4 and nfe["gfcg"] > 4
     assert all(row["images_per_second"] > 0 for row in rows)
+
+
+def test_autoguidance_smoke_run_writes_every_configuration_and_the_claims(tmp_path):
+    from benchmarks.autoguidance import main as autoguidance
+
+    rows = autoguidance(["--smoke", "--out", str(tmp_path), "--scales", "2", "--variant-scale", "2"])
+    assert [(row.method, row.scale) for row in rows] == [
+        ("unguided", "w=1"), ("CFG", "w=2"), ("Autoguidance", "w=2"), ("GFCG+Autoguidance", "w=2"),
+        ("GFCG+Autoguidance (additive)", "w=2"), ("GFCG+Autoguidance (exclude_target)", "w=2"),
+        ("unguided (other seed)", "w=1"),
+    ]
+    # 3 DDIM steps: the guided rows spend one row of each network per step, CFG two of the main one
+    assert [row.nfe_per_network for row in rows][:4] == [
+        {"main": 3.0}, {"main": 6.0}, {"main": 3.0, "guiding": 3.0}, {"main": 3.0, "guiding": 3.0},
+    ]
+    table = (tmp_path / "autoguidance.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "Claim 1" in table and "Claim 2" in table
+    assert (tmp_path / "autoguidance.png").stat().st_size > 0

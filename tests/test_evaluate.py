@@ -167,6 +167,25 @@ def test_methods_with_supplied_arguments_gfcg_and_linear_ag(tiny: Path, tmp_path
     assert fitted.stat().st_mtime_ns == stamp and rows(out)[0]["num_samples"] == 8
 
 
+def test_autoguidance_and_gfcg_on_top_of_it_get_the_guiding_model(tiny: Path, tmp_path: Path, capsys) -> None:
+    """--guiding-model supplies Autoguidance's model (nested in GFCG by gfcg+autoguidance); none for another model
+    without it is one error line."""
+    out = tmp_path / "out"
+    args = ["--model", str(tiny / "model"), "--evaluator", str(tiny / "evaluator"), "--classifier",
+            str(tiny / "classifier"), "--methods", "autoguidance", "gfcg+autoguidance", "--scales", "2", "-n", "6",
+            "--steps", "3", "-o", str(out)]
+    assert main([*args, "--guiding-model", str(tiny / "model")]) == 0
+    table = {r["method"]: r for r in rows(out)}
+    assert table["autoguidance"]["nfe_per_image"] == table["gfcg+autoguidance"]["nfe_per_image"] == 2 * 3
+    nested = table["gfcg+autoguidance"]["config"]
+    assert nested["name"] == "gfcg" and nested["autoguidance"]["name"] == "autoguidance"
+    assert nested["guidance_scale"] == nested["autoguidance"]["guidance_scale"] == 2.0
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["supplied_arguments"]["model"].startswith(str(tiny / "model"))
+    assert main([*args, "-o", str(tmp_path / "other")]) == 2
+    assert "--guiding-model" in capsys.readouterr().err
+
+
 def test_inception_extractor_calls_the_torchscript_module_like_stylegan(tiny: Path, monkeypatch) -> None:
     gray = to_uint8(torch.rand(4, 1, 8, 8) * 2 - 1)
     extractor = InceptionExtractor(tiny / "inception.pt")
@@ -324,7 +343,8 @@ def test_every_default_method_gives_the_same_images_and_nfe_at_batch_1_and_4(tmp
         assert main([*common, "--batch-size", str(batch), "-o", str(out)]) == 0
         runs[batch] = out
     one, four = rows(runs[1]), rows(runs[4])
-    assert [r["method"] for r in one] == default_methods() and len(one) == 11  # the 8 paper rules + interval, schedule, dynamic-cfg
+    # the 8 paper rules + interval, schedule, dynamic-cfg, autoguidance and gfcg+autoguidance
+    assert [r["method"] for r in one] == default_methods() and len(one) == 13
     assert [r["cell"] for r in one] == [r["cell"] for r in four]
     for a, b in zip(one, four):
         assert a["nfe_per_image"] == b["nfe_per_image"], a["method"]

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from guidance import (
-    APG, CFG, GFCG, NLG, TAG, AdaptiveGuidance, DynamicCFG, GuidanceInterval, ScaleSchedule, TAGCFG, available_guidance,
+    APG, CFG, GFCG, NLG, TAG, AdaptiveGuidance, AutoGuidance, DynamicCFG, GuidanceInterval, ScaleSchedule, TAGCFG, available_guidance,
 )
 from pipelines import attach
 from tests.tag_nlg_fakes import tiny_class_pipeline
@@ -42,6 +42,7 @@ def rules() -> dict:
         "tag-cfg": TAGCFG(3.0), "nlg": [NLG(steps=2), CFG(3.0)], "gfcg": GFCG(classifier=classifier.eval()),
         "interval": GuidanceInterval(CFG(3.0), (0.0, float("inf"))), "schedule": ScaleSchedule(CFG(3.0), "cosine"),
         "dynamic-cfg": DynamicCFG((1.0, 3.0), classifier=classifier.eval()),
+        "autoguidance": AutoGuidance(3.0, model=tiny_class_pipeline(DDIMScheduler(clip_sample=False)).unet),
     }
 
 
@@ -56,6 +57,17 @@ def test_nan_from_the_network_raises_in_our_loop(name):
     try:
         with pytest.raises(FloatingPointError, match=r"non-finite values .* at step \d+ .*: \d+(\.\d)?%"):
             pipe([1, 2], guidance=rules()[name], num_inference_steps=6, output_type="np")
+    finally:
+        poison.handle.remove()
+
+
+def test_nan_from_the_guiding_network_names_its_branch():
+    pipe = tiny_class_pipeline(DDIMScheduler(clip_sample=False))
+    guide = tiny_class_pipeline(DDIMScheduler(clip_sample=False)).unet
+    poison = PoisonAfter(guide, start=2)
+    try:
+        with pytest.raises(FloatingPointError, match=r"at step 2 .*guiding: 50\.0%"):
+            pipe([1, 2], guidance=AutoGuidance(2.0, model=guide), num_inference_steps=6, output_type="np")
     finally:
         poison.handle.remove()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_every_registered_method_gets_a_row_and_a_summary_line(class_model, tmp_
         capsys,
     )
     assert code == 0
-    methods = available_guidance()
+    methods = generate.default_methods()
     rows = read_summary(out)
     assert [r["method"] for r in rows] == methods and methods[0] == "cfg"
     by_name = {r["method"]: r for r in rows}
@@ -79,6 +80,8 @@ def test_every_registered_method_gets_a_row_and_a_summary_line(class_model, tmp_
     assert all(r["note"].startswith("skipped:") for r in skipped)
     if "gfcg" in by_name:  # no classifier ships with an arbitrary model
         assert by_name["gfcg"] in skipped
+    if "autoguidance" in by_name:  # nor a guiding model
+        assert by_name["autoguidance"] in skipped and "model=" in by_name["autoguidance"]["note"]
     assert all(r["accuracy"] == "-" for r in rows)  # no evaluation network for an arbitrary model
     text = (out / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in text[2:]] == methods
@@ -201,14 +204,27 @@ def test_gfcg_by_name_without_classifier_is_an_error(class_model, tmp_path, caps
     assert code == 2 and err.count("\n") == 1 and "classifier" in err
 
 
+def test_guiding_model_option_runs_autoguidance_and_gfcg_on_top_of_it(class_model, tmp_path, capsys):
+    """--guiding-model gives Autoguidance its guiding model (here a second copy of the model: 2 NFE per step)."""
+    out = tmp_path / "out"
+    args = ["--model", class_model, "--guiding-model", class_model, "--guidance", "autoguidance", "--scale", "3",
+            "--steps", "3", "--num-images", "1", "--class-label", "0", "--out", str(out)]
+    assert run_main(args, capsys)[0] == 0
+    (row,) = read_summary(out)
+    assert row["method"] == "autoguidance" and float(row["nfe_per_image"]) == 2 * 3
+    assert f"guiding model {class_model}" in row["note"]
+    assert json.loads(row["config"]) == {"name": "autoguidance", "guidance_scale": 3.0, "prediction_type": "epsilon"}
+
+
 @pytest.mark.skipif(not generate.EMBEDDED_MODEL.is_dir(), reason="embedded digits model not trained yet")
 def test_default_run_on_the_embedded_model(tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = run_main(["--steps", "3", "--num-images", "1", "--out", str(out)], capsys)
     assert code == 0
     rows = read_summary(out)
-    assert [r["method"] for r in rows] == available_guidance()
-    for row in rows:  # the embedded model ships GFCG's classifier: nothing is skipped
+    assert [r["method"] for r in rows] == generate.default_methods()
+    assert "autoguidance" in available_guidance() and "gfcg+autoguidance" in generate.default_methods()
+    for row in rows:  # the embedded model ships GFCG's classifier and a guiding model: nothing is skipped
         assert row["nfe_per_image"] != "-", row
         assert 0 <= float(row["accuracy"]) <= 1
     assert (out / "grid.png").is_file()

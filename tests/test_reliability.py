@@ -36,6 +36,9 @@ def default_rule(name: str, pipe) -> Guidance:
     """``name`` at its defaults; arguments without a default are what the tools supply."""
     if name in ("gfcg", "dynamic-cfg"):
         return get_guidance(name, classifier=load_classifier())
+    if name == "autoguidance":  # the tools' guiding model for the embedded checkpoints
+        weak = GuidedClassConditionalPipeline.from_pretrained(WEIGHTS_DIR / "digits-weak").unet
+        return get_guidance(name, model=weak, prediction_type="epsilon")
     if name == "linear-ag":
         def run(guidance):
             pipe(list(range(10)), guidance=guidance, num_inference_steps=STEPS,
