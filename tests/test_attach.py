@@ -383,3 +383,31 @@ def test_guided_pipelines_read_guidance_strings_like_attach(sd):
     assert interval.nfe < 2 * STEPS  # outside (0, 1] only the conditional row is evaluated
     with pytest.raises(ValueError, match="takes no guidance_scale"):
         pipe("a cat", guidance="tag", guidance_scale=4.0, num_inference_steps=STEPS)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_autoguidance_through_attach_on_sdxl_and_flux(sdxl, tmp_path, family):
+    """The guiding network gets its own batched forward per step (rows counted by pre-hooks on both networks), on
+    SDXL's added conditioning and on Flux's sequential layout; w = 1 is the main network alone, bit for bit."""
+    from guidance import AutoGuidance
+
+    if family == "flux":
+        pipe, args = build(FluxPipeline, tiny_flux_components(tmp_path)), {"height": 16, "width": 16,
+                                                                             "max_sequence_length": 16}
+    else:
+        pipe, args = build(StableDiffusionXLPipeline, sdxl), {}
+    main_network = pipe.transformer if family == "flux" else pipe.unet
+    torch.manual_seed(123)  # the components were built from seed 0
+    guide = type(main_network).from_config(main_network.config).eval()  # another random network of the same layout
+    prompts = ["a red cat", "a dog"]
+    with attach(pipe, AutoGuidance(2.0, model=guide)) as handle, RowCounter(main_network) as main_rows, \
+            RowCounter(guide) as guide_rows:
+        guided = run(pipe, prompt=prompts, output_type="latent", **args)
+    assert main_rows.rows == guide_rows.rows == [2] * STEPS
+    assert handle.last_run.nfe == 2 * STEPS and handle.last_run.nfe_per_network == {"main": STEPS, "guiding": STEPS}
+    unguided = run(pipe, prompt=prompts, output_type="latent", guidance_scale=1.0, true_cfg_scale=1.0, **args)
+    assert torch.isfinite(guided).all() and abs(guided - unguided).max() > 1e-4
+    with attach(pipe, AutoGuidance(1.0, model=guide)), RowCounter(guide) as unused:
+        assert torch.equal(run(pipe, prompt=prompts, output_type="latent", guidance_scale=1.0, true_cfg_scale=1.0,
+                               **args), unguided)
+    assert unused.rows == []
