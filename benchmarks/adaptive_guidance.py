@@ -43,9 +43,9 @@ from guidance import CFG, AdaptiveGuidance, Guidance, LinearAG
 from guidance.ag_calibration import calibrate_threshold, propose_threshold, record_gammas
 from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 from pipelines import GuidedClassConditionalPipeline, GuidedStableDiffusionPipeline
-from samples.digits_data import NUM_CLASSES, load_digits_split
-from samples.digits_nets import WEIGHTS_DIR, DigitEvaluator, load_evaluator
-from samples.metrics import frechet_distance
+from samples.digits.data import NUM_CLASSES, load_digits_split
+from samples.digits.nets import WEIGHTS_DIR, DigitEvaluator, load_evaluator
+from samples.metrics.frechet import frechet_distance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SD_SCHEDULER = {
@@ -115,7 +115,7 @@ COST_HEADER = ["method", "NFE / image", "NFE ratio", "wall s", "wall ratio", "CP
 # -- part 1: digits ----------------------------------------------------------------------------------------------
 def digits_pipeline(smoke: bool, weights: Path) -> tuple[GuidedClassConditionalPipeline, DigitEvaluator, str]:
     if smoke:
-        from samples.train_digits import QUICK_UNET_CONFIG, SCHEDULER_CONFIG
+        from scripts.train_digits import QUICK_UNET_CONFIG, SCHEDULER_CONFIG
 
         torch.manual_seed(0)
         unet = UNet2DModel(**QUICK_UNET_CONFIG).eval()

@@ -25,8 +25,8 @@ from benchmarks.gfcg import RESULTS, ROOT, Row, Setup, mcnemar_p, measure
 from guidance import CFG, GFCG, AutoGuidance, Guidance
 from pipelines.class_conditional import GuidedClassConditionalPipeline
 from pipelines.schedulers import prediction_type_of
-from samples.digits_data import NUM_CLASSES, load_digits_split
-from samples.digits_nets import WEIGHTS_DIR, DigitClassifier, DigitEvaluator, load_classifier, load_evaluator
+from samples.digits.data import NUM_CLASSES, load_digits_split
+from samples.digits.nets import WEIGHTS_DIR, DigitClassifier, DigitEvaluator, load_classifier, load_evaluator
 
 UNGUIDED = "unguided"
 
@@ -38,7 +38,7 @@ def load_pair(weights: Path, smoke: bool) -> tuple[Setup, torch.nn.Module, str]:
     if smoke:
         from diffusers import UNet2DModel
 
-        from samples.train_digits import QUICK_UNET_CONFIG, SCHEDULER_CONFIG
+        from scripts.train_digits import QUICK_UNET_CONFIG, SCHEDULER_CONFIG
 
         torch.manual_seed(0)
         good, bad = UNet2DModel(**QUICK_UNET_CONFIG).eval(), UNet2DModel(**QUICK_UNET_CONFIG).eval()

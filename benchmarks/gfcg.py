@@ -5,7 +5,7 @@
     python -m benchmarks.gfcg --smoke         # tiny random networks: checks the script end to end, numbers meaningless
 
 Every configuration samples the same labels from the same initial noise (``--seed``, default 0) with deterministic
-DDIM. GFCG guides with ``samples.digits_nets.load_classifier()``; class accuracy, FD-digits (Frechet distance of
+DDIM. GFCG guides with ``samples.digits.nets.load_classifier()``; class accuracy, FD-digits (Frechet distance of
 ``DigitEvaluator.features`` against the held-out real digits) and k-NN precision/recall (k = 3, Kynkaanniemi et al.)
 come from ``load_evaluator()``, a different network trained from another seed. ``guide_acc`` (the guiding
 classifier's own accuracy on the samples) is reported only to show how much reading the guide's own score would
@@ -30,10 +30,10 @@ import torch
 
 from guidance import CFG, GFCG, Guidance
 from pipelines.class_conditional import GuidedClassConditionalPipeline
-from samples.digits_data import NUM_CLASSES, load_digits_split
-from samples.digits_nets import WEIGHTS_DIR, DigitClassifier, DigitEvaluator, load_classifier, load_evaluator
-from samples.metrics import frechet_distance
-from samples.precision_recall import precision_recall
+from samples.digits.data import NUM_CLASSES, load_digits_split
+from samples.digits.nets import WEIGHTS_DIR, DigitClassifier, DigitEvaluator, load_classifier, load_evaluator
+from samples.metrics.frechet import frechet_distance
+from samples.metrics.precision_recall import precision_recall
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -72,7 +72,7 @@ def load_setup(weights: Path, smoke: bool, checkpoint: str = "digits-weak") -> S
     if smoke:
         from diffusers import UNet2DModel
 
-        from samples.train_digits import QUICK_UNET_CONFIG, SCHEDULER_CONFIG
+        from scripts.train_digits import QUICK_UNET_CONFIG, SCHEDULER_CONFIG
 
         torch.manual_seed(0)
         unet = UNet2DModel(**QUICK_UNET_CONFIG).eval()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from samples.evaluate import main as evaluate
+from samples.evaluate.command import main as evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality"
 WORK = Path("outputs") / "quality"
@@ -48,8 +48,8 @@ def smoke_model(root: Path) -> list[str]:
     from diffusers import DDIMScheduler, UNet2DModel
 
     from pipelines import GuidedClassConditionalPipeline
-    from samples.digits_nets import DigitClassifier, DigitEvaluator, save_network
-    from samples.train_digits import NULL_LABEL, QUICK_UNET_CONFIG, SCHEDULER_CONFIG
+    from samples.digits.nets import DigitClassifier, DigitEvaluator, save_network
+    from scripts.train_digits import NULL_LABEL, QUICK_UNET_CONFIG, SCHEDULER_CONFIG
 
     torch.manual_seed(0)
     unet = UNet2DModel(**QUICK_UNET_CONFIG)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for grid in work.glob("grid_*.png"):
             shutil.copy(grid, results / grid.name)
 
-    from samples.evaluation_report import markdown_table
+    from samples.evaluate.report import markdown_table
 
     data = json.loads((results / "results.json").read_text())
     rows = data["rows"]

@@ -29,8 +29,8 @@ import torch
 
 from benchmarks.gfcg import RESULTS, Row, Setup, load_setup, measure
 from guidance import CFG, DynamicCFG, Guidance, GuidanceInterval, ScaleSchedule
-from samples.digits_data import NUM_CLASSES
-from samples.digits_nets import WEIGHTS_DIR
+from samples.digits.data import NUM_CLASSES
+from samples.digits.nets import WEIGHTS_DIR
 
 INTERVAL = (0.28, 2.0)
 #: the claim of issue 15 for CFG w = 3 in (0.28, 2]: FD ratio at most, accuracy at least, NFE ratio at most

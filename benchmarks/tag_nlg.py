@@ -23,9 +23,9 @@ from diffusers import DDIMScheduler
 from guidance import APG, CFG, NLG, TAG, TAGCFG, Guidance, resolve_guidance
 from guidance.nlg import scaled_max_norm
 from pipelines.class_conditional import GuidedClassConditionalPipeline
-from samples.digits_data import NUM_CLASSES, load_digits_split
-from samples.digits_nets import load_evaluator
-from samples.metrics import frechet_distance
+from samples.digits.data import NUM_CLASSES, load_digits_split
+from samples.digits.nets import load_evaluator
+from samples.metrics.frechet import frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ A scorer is any callable ``scorer(candidates, step) -> scores`` with ``candidate
 ``scores`` ``[K, B]``, higher is better. Shipped:
 
 * :class:`ClassifierScorer` (alignment): ``log p(c | decode(x0))`` of each sample's target class ``c`` under a
-  classifier over the pipeline's label set (the embedded digits classifier, ``samples.digits_nets.load_classifier``);
+  classifier over the pipeline's label set (the embedded digits classifier, ``samples.digits.nets.load_classifier``);
 * :class:`CLIPScorer` (alignment, text-to-image): cosine similarity of CLIP image and text embeddings of
   ``decode(x0)`` and each sample's prompt;
 * :class:`WeightedScorer`: ``sum_j weight_j * scorer_j``, to mix evaluators (alignment, fidelity, preference).
@@ -181,7 +181,7 @@ def _classifier_scorer(classifier: nn.Module | None, **options: Any) -> Scorer:
     if classifier is None:
         raise ValueError(
             "scorer='classifier' needs classifier=: a torch.nn.Module mapping images in [-1, 1] to logits over the "
-            "label set (e.g. samples.digits_nets.load_classifier())"
+            "label set (e.g. samples.digits.nets.load_classifier())"
         )
     return ClassifierScorer(classifier, **options)
 

@@ -105,7 +105,7 @@ def add_shared_arguments(
 
 def guiding_model(requested: str | None, embedded: bool) -> str | None:
     """``--guiding-model``, or the embedded model's weaker checkpoint (``samples/weights/digits-weak``) for it."""
-    from samples.digits_nets import WEIGHTS_DIR
+    from samples.digits.nets import WEIGHTS_DIR
 
     if requested is not None:
         return requested

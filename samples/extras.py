@@ -3,7 +3,7 @@
 | extra | brings | needed by |
 |---|---|---|
 | ``eval`` | matplotlib | ``guidance-evaluate`` (its plots) |
-| ``train`` | scikit-learn | ``python -m samples.train_digits`` (the digits data set ships in scikit-learn) |
+| ``train`` | scikit-learn | ``python -m scripts.train_digits`` (the digits data set ships in scikit-learn) |
 | ``test`` | both, pytest, scipy | the test suite |
 """
 

@@ -18,11 +18,11 @@ from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 
 from pipelines import GuidedClassConditionalPipeline, GuidedStableDiffusionPipeline
-from samples import shards
-from samples.digits_nets import DigitClassifier, DigitEvaluator, save_network
-from samples.evaluate import FAIL_AFTER_ENV, main
-from samples.evaluation_jobs import batch_coupled, default_methods, method_config, plan_cells
-from samples.features import InceptionExtractor, build_extractor, to_uint8
+from samples.evaluate import shards
+from samples.digits.nets import DigitClassifier, DigitEvaluator, save_network
+from samples.evaluate.command import FAIL_AFTER_ENV, main
+from samples.evaluate.jobs import batch_coupled, default_methods, method_config, plan_cells
+from samples.metrics.features import InceptionExtractor, build_extractor, to_uint8
 from tests.tiny import tiny_sd_components
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,7 +289,7 @@ def test_damaged_shards_are_reported_moved_aside_and_regenerated(tiny: Path, sin
 
 def test_uncreatable_output_is_one_line_before_any_model_loads(tiny: Path, tmp_path: Path, capsys,
                                                               monkeypatch) -> None:
-    import samples.evaluate as evaluate
+    import samples.evaluate.command as evaluate
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --output was checked")

@@ -11,11 +11,11 @@ import torch
 from scipy import linalg
 from scipy.stats import special_ortho_group
 
-from samples import shards
-from samples.features import Reference, read_reference_npz
-from samples.metrics import frechet_distance_from_statistics
-from samples.precision_recall import knn_radii, precision_recall
-from samples.saturation import clipped_fraction, hsv_saturation, saturation
+from samples.evaluate import shards
+from samples.metrics.features import Reference, read_reference_npz
+from samples.metrics.frechet import frechet_distance_from_statistics
+from samples.metrics.precision_recall import knn_radii, precision_recall
+from samples.metrics.saturation import clipped_fraction, hsv_saturation, saturation
 
 # ------------------------------------------------------------------------------------------- Frechet distance
 

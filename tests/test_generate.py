@@ -16,8 +16,8 @@ from PIL import Image
 
 from guidance import CFG, available_guidance
 from pipelines import GuidedClassConditionalPipeline, GuidedStableDiffusionPipeline
-from samples import generate
-from samples.grid import HEADER, GridLayout, cell_size
+from samples.generate import command as generate
+from samples.generate.grid import HEADER, GridLayout, cell_size
 from samples.loading import SCHEDULERS, load_pipeline, looks_like_path, set_scheduler
 from tests.tiny import tiny_sd_components
 

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import guidance
-from samples import digits_data, evaluate, generate
+from samples.digits import data as digits_data
+from samples.evaluate import command as evaluate
+from samples.generate import command as generate
 from samples.extras import MissingExtraError
-from samples.grid import HEADER, MAX_WIDTH, cell_size, grid_layout, labelled_grid
+from samples.generate.grid import HEADER, MAX_WIDTH, cell_size, grid_layout, labelled_grid
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("scipy", "scikit-learn", "matplotlib")
@@ -65,7 +67,7 @@ def test_missing_extras_give_one_line_with_the_pip_install(monkeypatch, tmp_path
 
 def test_evaluate_on_the_embedded_model_runs_without_scikit_learn(tmp_path):
     out = tmp_path / "eval"
-    script = ("import sys; sys.modules['sklearn'] = None; from samples.evaluate import main; "
+    script = ("import sys; sys.modules['sklearn'] = None; from samples.evaluate.command import main; "
               f"sys.exit(main(['--guidance', 'cfg', '--scale', '2', '-n', '4', '--steps', '1', '-o', {str(out)!r}, "
               "'--quiet']))")
     result = _run(["-c", script])

@@ -11,7 +11,7 @@ from guidance import AdaptiveGuidance, Guidance, LinearAG, available_guidance, g
 from guidance.cfg import CFG
 from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 from pipelines import GuidedClassConditionalPipeline
-from samples.digits_nets import WEIGHTS_DIR, load_classifier
+from samples.digits.nets import WEIGHTS_DIR, load_classifier
 
 STEPS = 6
 LABELS = [3, 8, 1, 5]

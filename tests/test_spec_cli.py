@@ -11,8 +11,8 @@ import torch
 from guidance import APG, AdaptiveGuidance, DynamicCFG, GuidanceInterval, ScaleSchedule, from_config
 from guidance.scorers import ClassifierScorer
 from guidance.spec import parse_term, parse_value, term_config
-from samples.evaluate import main as evaluate_main
-from samples.evaluation_jobs import UsageError, build_guidance, method_config
+from samples.evaluate.command import main as evaluate_main
+from samples.evaluate.jobs import UsageError, build_guidance, method_config
 from tests.test_evaluate import rows, tiny  # noqa: F401  (the tiny evaluation fixture)
 from tests.test_generate import class_model, read_summary, run_main  # noqa: F401  (the tiny generation fixture)
 

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 
-from samples.digits_data import load_digits_split
-from samples.digits_nets import DigitClassifier, DigitEvaluator, load_classifier, load_evaluator
-from samples.metrics import frechet_distance
-from samples.train_digits import NULL_LABEL, Settings, train_diffusion
+from samples.digits.data import load_digits_split
+from samples.digits.nets import DigitClassifier, DigitEvaluator, load_classifier, load_evaluator
+from samples.metrics.frechet import frechet_distance
+from scripts.train_digits import NULL_LABEL, Settings, train_diffusion
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "samples" / "weights"
 

@@ -21,7 +21,8 @@ from guidance import (
     get_guidance,
     resolve_guidance,
 )
-from samples import evaluate, generate
+from samples.evaluate import command as evaluate
+from samples.generate import command as generate
 
 SHARED = {"--guidance": "guidance", "--scale": "scale", "--steps": "steps", "--scheduler": "scheduler",
           "--seed": "seed", "--out": "out", "--quiet": "quiet"}

@@ -38,7 +38,7 @@ from huggingface_hub.utils import logging as hub_logging  # noqa: E402
 from guidance import Guidance, available_guidance, resolve_guidance  # noqa: E402
 from guidance.registry import guidance_label, nested_specs, parse_guidance, supply  # noqa: E402
 from pipelines import GuidedClassConditionalPipeline  # noqa: E402
-from samples.grid import labelled_grid  # noqa: E402
+from samples.generate.grid import labelled_grid  # noqa: E402
 from samples.loading import (  # noqa: E402
     DTYPES,
     load_guiding_model,
@@ -47,13 +47,12 @@ from samples.loading import (  # noqa: E402
     read_class_name,
     set_scheduler,
 )
+from samples.digits.nets import EMBEDDED_MODEL, WEIGHTS_DIR  # noqa: E402
 from samples.method_inputs import MethodInputs, fit_linear_ag_coefficients, generators  # noqa: E402
 
 _IMPORT_SECONDS = time.perf_counter() - _START
 
 PROG = "guidance-generate"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-EMBEDDED_MODEL = WEIGHTS_DIR / "digits"
 
 # Defaults for the embedded digits model (chosen by looking at the grid; see the README).
 DIGITS_SCHEDULER = "ddim"
@@ -305,7 +304,7 @@ def open_session(args: argparse.Namespace) -> Session:
     embedded = is_embedded(args.model)
     model = str(EMBEDDED_MODEL) if args.model is None else args.model
     if args.model is None and not EMBEDDED_MODEL.is_dir():
-        raise OSError(f"the embedded model is missing ({EMBEDDED_MODEL}); train it with python -m samples.train_digits")
+        raise OSError(f"the embedded model is missing ({EMBEDDED_MODEL}); train it with python -m scripts.train_digits")
     threads = args.threads or (1 if embedded and device == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -333,7 +332,7 @@ def open_session(args: argparse.Namespace) -> Session:
     ))
     evaluator = None
     if embedded:
-        from samples.digits_nets import load_classifier, load_evaluator
+        from samples.digits.nets import load_classifier, load_evaluator
 
         inputs.provide("classifier", load_classifier().to(device))
         evaluator = load_evaluator().to(device)
@@ -457,6 +456,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if loading_bar:
             diffusers_logging.enable_progress_bar()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

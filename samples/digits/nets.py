@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+EMBEDDED_MODEL = WEIGHTS_DIR / "digits"  # the pipeline both CLIs load by default
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 

@@ -1,7 +1,7 @@
 """Feature extractors for Frechet distance and precision/recall, each with an id that every result records.
 
 * ``fd-digits/<sha256[:12] of model.safetensors>``: the embedded evaluation network
-  (:class:`samples.digits_nets.DigitEvaluator`), its ``features()`` (128-d, the input of its linear head:
+  (:class:`samples.digits.nets.DigitEvaluator`), its ``features()`` (128-d, the input of its linear head:
   "FD-digits"); 1x8x8 images in [-1, 1].
 * ``inception-v3/<sha256[:12] of the .pt file>``: the TorchScript Inception-v3 ``inception-2015-12-05.pt`` of
   StyleGAN2-ADA / EDM / clean-fid, its 2048-d pool features (FID); RGB in [0, 255] (grayscale repeated to 3 channels),
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from samples.digits_nets import WEIGHTS_DIR, WEIGHTS_NAME, load_evaluator
-from samples.metrics import feature_statistics
+from samples.digits.nets import WEIGHTS_DIR, WEIGHTS_NAME, load_evaluator
+from samples.metrics.frechet import feature_statistics
 
 INCEPTION_ENV = "GUIDANCE_INCEPTION_WEIGHTS"
 DIGITS_SHAPE = (1, 8, 8)
@@ -78,7 +78,7 @@ class DigitsExtractor(FeatureExtractor):
     """FD-digits: features of the embedded evaluation network; its logits give the class accuracy.
 
     Args:
-        path: a saved :class:`~samples.digits_nets.DigitEvaluator` folder (default: ``samples/weights/evaluator``).
+        path: a saved :class:`~samples.digits.nets.DigitEvaluator` folder (default: ``samples/weights/evaluator``).
         device: where the network runs.
     """
 

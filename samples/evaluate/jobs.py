@@ -39,9 +39,9 @@ from guidance import Guidance, available_guidance, resolve_guidance
 from guidance.registry import guidance_class, guidance_label, nested_specs, parse_guidance, supply, takes
 from guidance.spec import parse_term
 from pipelines import GuidedClassConditionalPipeline
-from samples.digits_data import NUM_CLASSES
-from samples.features import DIGITS_SHAPE, to_uint8
-from samples.saturation import OVERSHOOT_MARGIN, clipped_fraction, saturation
+from samples.digits.data import NUM_CLASSES
+from samples.metrics.features import DIGITS_SHAPE, to_uint8
+from samples.metrics.saturation import OVERSHOOT_MARGIN, clipped_fraction, saturation
 
 class UsageError(ValueError):
     """Bad input to the evaluation tool: reported as one line, exit status 2."""
@@ -302,7 +302,7 @@ def generate(
     pipe: Any, task: Task, guidance: Guidance, indices: Sequence[int], batch_size: int
 ) -> dict[str, np.ndarray]:
     """Samples ``indices``: ``images`` (uint8), ``labels``, ``nfe``, ``saturation``, ``clipped`` and ``overshoot``
-    (pixel fractions outside [-1, 1] and more than :data:`~samples.saturation.OVERSHOOT_MARGIN` outside it) per image.
+    (pixel fractions outside [-1, 1] and more than :data:`~samples.metrics.saturation.OVERSHOOT_MARGIN` outside it) per image.
 
     :class:`GenerationError` if an image has a non-finite pixel (it would be scored as a black or white image)."""
     names = ("images", "labels", "nfe", "saturation", "clipped", "overshoot")

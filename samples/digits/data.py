@@ -27,7 +27,7 @@ TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
-HELDOUT_FILE = Path(__file__).resolve().parent / "data" / "digits_heldout.npz"
+HELDOUT_FILE = Path(__file__).resolve().parents[1] / "data" / "digits_heldout.npz"
 
 
 class DigitsSplit(NamedTuple):

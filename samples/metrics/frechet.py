@@ -4,7 +4,7 @@ For two Gaussians fitted to features ``a`` and ``b`` (means ``mu_a``, ``mu_b``; 
 
     FD = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}).
 
-With the embedded evaluation network's features (:meth:`samples.digits_nets.DigitEvaluator.features`) this is
+With the embedded evaluation network's features (:meth:`samples.digits.nets.DigitEvaluator.features`) this is
 "FD-digits"; with Inception features it is FID.
 """
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from samples import shards
-from samples.evaluation_jobs import slug
+from samples.evaluate import shards
+from samples.evaluate.jobs import slug
 from samples.extras import require
-from samples.grid import labelled_grid
+from samples.generate.grid import labelled_grid
 
 #: the columns of ``results.csv``, in order
 COLUMNS = (

@@ -1,6 +1,6 @@
 """Train the embedded default model: a class-conditional 8x8 digit diffusion model and two classifiers.
 
-Run ``python -m samples.train_digits [--out samples/weights] [--seed 0] [--steps N] [--quick]``. Everything is
+Run ``python -m scripts.train_digits [--out samples/weights] [--seed 0] [--steps N] [--quick]``. Everything is
 seeded and runs on 2 CPU threads; the full run takes about 10 minutes on 2 otherwise idle cores (on a shared
 machine, ``OMP_WAIT_POLICY=PASSIVE`` avoids a large slow-down and changes no result). It writes:
 
@@ -37,9 +37,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from samples.digits_data import NUM_CLASSES, SPLIT_SEED, TEST_FRACTION, DigitsSplit, load_digits_split
-from samples.digits_nets import DigitClassifier, DigitEvaluator, load_classifier, load_evaluator, save_network
-from samples.metrics import frechet_distance
+from samples.digits.data import NUM_CLASSES, SPLIT_SEED, TEST_FRACTION, DigitsSplit, load_digits_split
+from samples.digits.nets import WEIGHTS_DIR, DigitClassifier, DigitEvaluator, load_classifier, load_evaluator, save_network
+from samples.metrics.frechet import frechet_distance
 
 NULL_LABEL = NUM_CLASSES
 NUM_THREADS = 2
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.quick() if args.quick else Settings()
     if args.steps is not None:
         settings.diffusion_steps = args.steps
-    default_out = Path(tempfile.mkdtemp(prefix="digits-quick-")) if args.quick else Path(__file__).parent / "weights"
+    default_out = Path(tempfile.mkdtemp(prefix="digits-quick-")) if args.quick else WEIGHTS_DIR
     out = args.out or default_out
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(NUM_THREADS)
@@ -541,13 +541,13 @@ def model_card(report: dict[str, Any], settings: Settings, data: DigitsSplit) ->
     )
     return f"""# Embedded default model: 8x8 digits
 
-Trained by `python -m samples.train_digits --seed {report["seed"]}` (diffusers {diffusers.__version__}, torch
+Trained by `python -m scripts.train_digits --seed {report["seed"]}` (diffusers {diffusers.__version__}, torch
 {torch.__version__}, {NUM_THREADS} CPU threads). Every number below was measured by that run on the saved weights.
 
 ## Data
 
 scikit-learn's bundled `load_digits` (1,797 8x8 grey-level handwritten digits, 10 classes, no download). Pixels
-in [0, 16] are mapped to [-1, 1] by `x / 8 - 1`. Fixed split (`samples/digits_data.py`):
+in [0, 16] are mapped to [-1, 1] by `x / 8 - 1`. Fixed split (`samples/digits/data.py`):
 `train_test_split(test_size={TEST_FRACTION}, stratify=labels, random_state={SPLIT_SEED})` gives
 {len(data.train_labels)} training and {len(data.test_labels)} held-out images. All networks saw the training split
 only.

@@ -2,14 +2,14 @@
 
 For a model (the embedded 8x8 digits model by default, or a local pipeline folder / hub id), every method in
 ``--guidance`` at every scale in ``--scale`` is a *cell* of ``--num-samples`` images with per-image seeds
-(:mod:`samples.evaluation_jobs`). Generation runs in shards (:mod:`samples.shards`) spread over the processes of
+(:mod:`samples.evaluate.jobs`). Generation runs in shards (:mod:`samples.evaluate.shards`) spread over the processes of
 ``accelerate launch`` / ``torchrun`` (one process without a launcher); each shard is written atomically and re-running
-the same command resumes. After all processes finish, process 0 extracts features (:mod:`samples.features`), computes
-the metrics and writes the tables, plots and grids (:mod:`samples.evaluation_report`).
+the same command resumes. After all processes finish, process 0 extracts features (:mod:`samples.metrics.features`), computes
+the metrics and writes the tables, plots and grids (:mod:`samples.evaluate.report`).
 
-Metrics per cell: Frechet distance to the reference statistics (:mod:`samples.metrics`), precision and recall
-(k = 3, :mod:`samples.precision_recall`), class accuracy by the embedded evaluation network (digits only; never the
-classifier GFCG guides with), saturation (:mod:`samples.saturation`), NFE per image and images per second (per
+Metrics per cell: Frechet distance to the reference statistics (:mod:`samples.metrics.frechet`), precision and recall
+(k = 3, :mod:`samples.metrics.precision_recall`), class accuracy by the embedded evaluation network (digits only; never the
+classifier GFCG guides with), saturation (:mod:`samples.metrics.saturation`), NFE per image and images per second (per
 process). Bad input (an uncreatable ``--output`` included, checked before any model loads) and a generation that
 must not be scored (non-finite images, a run the guidance refuses) print one ``guidance-evaluate: error:`` line and
 exit with status 2. Damaged shard files (checksum or load failure) are reported in one line each, moved aside and
@@ -34,11 +34,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-from samples import evaluation_report, shards  # noqa: E402
-from samples.digits_data import load_heldout  # noqa: E402
+from samples.evaluate import report, shards  # noqa: E402
+from samples.digits.data import load_heldout  # noqa: E402
 from samples.extras import MissingExtraError, require  # noqa: E402
-from samples.digits_nets import WEIGHTS_DIR, WEIGHTS_NAME, load_classifier
-from samples.evaluation_jobs import (
+from samples.digits.nets import EMBEDDED_MODEL, WEIGHTS_DIR, WEIGHTS_NAME, load_classifier
+from samples.evaluate.jobs import (
     CALIBRATION_IMAGES,
     Cell,
     GenerationError,
@@ -52,7 +52,7 @@ from samples.evaluation_jobs import (
     generate,
     plan_cells,
 )
-from samples.features import (
+from samples.metrics.features import (
     EXTRACTOR_KINDS,
     DigitsExtractor,
     FeatureExtractor,
@@ -65,12 +65,11 @@ from samples.features import (
     to_uint8,
 )
 from samples.loading import DTYPES, load_guiding_model, load_pipeline, set_scheduler
-from samples.metrics import feature_statistics, frechet_distance_from_statistics
-from samples.precision_recall import K_DEFAULT, precision_recall
-from samples.saturation import DEFINITIONS, OVERSHOOT_MARGIN, saturation_kind
+from samples.metrics.frechet import feature_statistics, frechet_distance_from_statistics
+from samples.metrics.precision_recall import K_DEFAULT, precision_recall
+from samples.metrics.saturation import DEFINITIONS, OVERSHOOT_MARGIN, saturation_kind
 
 PROG = "guidance-evaluate"
-EMBEDDED_MODEL = WEIGHTS_DIR / "digits"
 MANIFEST = "run.json"
 #: test hook: a process raises after writing this many shards (simulates a crash in the middle of a run)
 FAIL_AFTER_ENV = "GUIDANCE_EVALUATE_FAIL_AFTER_SHARDS"
@@ -401,15 +400,15 @@ def run(args: argparse.Namespace) -> int:
                      "scheduler": type(pipe.scheduler).__name__, "scales": args.scale,
                      "processes": state.num_processes},
     }
-    evaluation_report.write_tables(rows, meta, out)
-    evaluation_report.write_plots(rows, out, extractor.id)
+    report.write_tables(rows, meta, out)
+    report.write_plots(rows, out, extractor.id)
     by_method: dict[str, list[tuple[float, list[shards.Shard]]]] = {}
     for cell in cells:
         by_method.setdefault(cell.method, []).append((cell.scale, plans[cell.key]))
     title = f"{Path(args.model.rstrip('/')).name or args.model}, {scheduler}, {args.steps} steps, one row per scale"
-    evaluation_report.write_method_grids(out, by_method, task.column_labels, args.grid_per_class, args.num_samples,
+    report.write_method_grids(out, by_method, task.column_labels, args.grid_per_class, args.num_samples,
                                          title)
-    print(evaluation_report.markdown_table(rows))
+    print(report.markdown_table(rows))
     print(f"extractor: {extractor.id}; wrote {out / 'results.csv'}, results.json, plots and grids")
     return 0
 
@@ -422,6 +421,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
