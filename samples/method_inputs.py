@@ -9,12 +9,14 @@ A registered method whose constructor has an argument of one of these names gets
   every run). The fit's cost is reported in a note, not in the method's NFE or seconds.
 
 Values are computed on first use, so a run without LinearAG never pays for its calibration.
+
+:func:`linear_ag_coefficients` is the one LinearAG calibration of both CLIs (``guidance-evaluate`` fits per cell).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,6 +65,28 @@ class MethodInputs:
         return self._values[name]
 
 
+def linear_ag_coefficients(
+    run: Callable[[Guidance, list[int]], Any],
+    chunks: Sequence[list[int]],
+    num_steps: int,
+    model_id: str,
+    scheduler: Any,
+    scale: float | None,
+) -> Any:
+    """LinearAG's coefficients fitted on calibration runs of CFG at ``scale`` (CFG's default when ``None``).
+
+    ``run(guidance, chunk)`` performs one pipeline call with ``guidance`` on one calibration ``chunk`` (seeds or image
+    indices, never a sampled seed: callers offset them by :data:`CALIBRATION_SEED_OFFSET`), once per chunk. The
+    unconditional output is estimated on every other step of the first half
+    (:func:`guidance.linear_ag_fit.alternate_steps`); ``model_id`` and ``scheduler`` are stored with the coefficients.
+    """
+    from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
+
+    runs = [lambda guidance, chunk=chunk: run(guidance, chunk) for chunk in chunks]
+    return fit_linear_ag(runs, steps=alternate_steps(num_steps), model_id=model_id, scheduler=scheduler,
+                         base=CFG() if scale is None else CFG(scale))
+
+
 def fit_linear_ag_coefficients(
     run: Callable[[Guidance, list[int]], Any],
     seeds: list[int],
@@ -71,22 +95,14 @@ def fit_linear_ag_coefficients(
     scheduler: Any,
     scale: float | None,
 ) -> tuple[Any, str]:
-    """LinearAG coefficients for this run (CFG at ``scale``, alternate steps of the first half), and a note.
+    """:func:`linear_ag_coefficients` on one call with ``seeds`` offset by :data:`CALIBRATION_SEED_OFFSET`, and a note.
 
     ``run(guidance, seeds)`` performs one pipeline call with ``guidance`` and one generator per seed.
     """
-    from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
-
     calibration = [seed + CALIBRATION_SEED_OFFSET for seed in seeds]
     print(f"fitting LinearAG coefficients on {len(seeds)} calibration images (other seeds)")
     start = time.perf_counter()
-    coefficients = fit_linear_ag(
-        lambda guidance: run(guidance, calibration),
-        steps=alternate_steps(num_steps),
-        model_id=model_id,
-        scheduler=scheduler,
-        base=CFG() if scale is None else CFG(scale),
-    )
+    coefficients = linear_ag_coefficients(run, [calibration], num_steps, model_id, scheduler, scale)
     seconds = time.perf_counter() - start
     note = (
         f"coefficients fitted on the fly on {len(seeds)} calibration images (other seeds) in {seconds:.1f} s, "

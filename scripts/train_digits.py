@@ -17,29 +17,40 @@ machine, ``OMP_WAIT_POLICY=PASSIVE`` avoids a large slow-down and changes no res
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import math
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from samples import cli  # noqa: F401  (first: quiet third-party start-up notices of the pipelines import)
 
-import diffusers
-import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm.auto import tqdm
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
-from samples.digits.data import NUM_CLASSES, SPLIT_SEED, TEST_FRACTION, DigitsSplit, load_digits_split
-from samples.digits.nets import WEIGHTS_DIR, DigitClassifier, DigitEvaluator, load_classifier, load_evaluator, save_network
-from samples.metrics.frechet import frechet_distance
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from guidance.cfg import CFG  # noqa: E402
+from pipelines import GuidedClassConditionalPipeline  # noqa: E402
+from samples.digits.data import NUM_CLASSES, SPLIT_SEED, TEST_FRACTION, DigitsSplit, load_digits_split  # noqa: E402
+from samples.digits.nets import (  # noqa: E402
+    WEIGHTS_DIR,
+    DigitClassifier,
+    DigitEvaluator,
+    load_classifier,
+    load_evaluator,
+    save_network,
+)
+from samples.metrics.frechet import frechet_distance  # noqa: E402
 
 NULL_LABEL = NUM_CLASSES
 NUM_THREADS = 2
@@ -226,31 +237,23 @@ def sample_cfg(
     seed: int = 0,
     chunk: int = 250,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) samples with plain classifier-free guidance, unclipped.
+    """Deterministic DDIM (eta 0) samples with plain classifier-free guidance, unclipped, through our own loop
+    (:class:`pipelines.GuidedClassConditionalPipeline`, i.e. :func:`pipelines.loop.denoise`).
 
-    ``eps = eps_u + scale * (eps_c - eps_u)`` with ``eps_u`` from ``NULL_LABEL``; the two branches share one
-    batched forward (at ``scale == 1`` only the conditional branch is evaluated). Returns ``[N, 1, 8, 8]``.
+    ``eps = eps_u + scale * (eps_c - eps_u)`` (:class:`guidance.cfg.CFG`) with ``eps_u`` from ``NULL_LABEL`` (at
+    ``scale == 1`` only the conditional branch is evaluated); ``chunk`` images per pipeline call, all noise from one
+    generator seeded with ``seed``. Returns ``[N, 1, 8, 8]``.
     """
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
-    size = unet.config.sample_size
+    pipe = GuidedClassConditionalPipeline(
+        scheduler=DDIMScheduler.from_config(scheduler_config), unet=unet, null_class_label=NULL_LABEL
+    )
+    pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn((len(labels), unet.config.in_channels, size, size), generator=generator)
-    sample = sample * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = torch.cat([_guided_eps(unet, x, t, y, scale) for x, y in zip(sample.split(chunk), labels.split(chunk))])
-        sample = scheduler.step(eps, t, sample).prev_sample
-    return sample
-
-
-def _guided_eps(
-    unet: UNet2DModel, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float
-) -> torch.Tensor:
-    if scale == 1.0:
-        return unet(sample, t, class_labels=labels).sample
-    null = torch.full_like(labels, NULL_LABEL)
-    eps_c, eps_u = unet(torch.cat([sample, sample]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
-    return eps_u + scale * (eps_c - eps_u)
+    return torch.cat([
+        pipe(part, guidance=CFG(scale), num_inference_steps=num_inference_steps, generator=generator,
+             output_type="latent").images
+        for part in labels.split(chunk)
+    ])
 
 
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> None:

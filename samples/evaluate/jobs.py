@@ -39,9 +39,12 @@ from guidance import Guidance, available_guidance, resolve_guidance
 from guidance.registry import guidance_class, guidance_label, nested_specs, parse_guidance, supply, takes
 from guidance.spec import parse_term
 from pipelines import GuidedClassConditionalPipeline
+from pipelines.families import decode_latents
 from samples.digits.data import NUM_CLASSES
 from samples.metrics.features import DIGITS_SHAPE, to_uint8
 from samples.metrics.saturation import OVERSHOOT_MARGIN, clipped_fraction, saturation
+from samples.method_inputs import CALIBRATION_SEED_OFFSET, linear_ag_coefficients
+
 
 class UsageError(ValueError):
     """Bad input to the evaluation tool: reported as one line, exit status 2."""
@@ -56,9 +59,8 @@ class GenerationError(RuntimeError):
 
 #: constructor arguments the tool supplies when a method's config leaves them out (see :func:`build_guidance`)
 SUPPLIED = ("classifier", "coefficients", "model_id", "scheduler", "model", "prediction_type")
-#: fitted coefficients (LinearAG) are fitted on this many calibration images, with seeds this far from the sampled ones
+#: fitted coefficients (LinearAG) are fitted on this many calibration images (seeds offset by CALIBRATION_SEED_OFFSET)
 CALIBRATION_IMAGES = 100
-CALIBRATION_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -289,12 +291,11 @@ def fingerprint(model: str, pipe: Any, task: Task, dtype: str, shard_size: int) 
 
 
 def decode_unclamped(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels in (nominally) [-1, 1], float32, *before* the clamp every pipeline applies."""
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
+    """Pixels in (nominally) [-1, 1], float32, *before* the clamp every pipeline applies: the pipelines' own decode
+    (:func:`pipelines.families.decode_latents`: SDXL's latent mean/std, SD3's shift, a float32 VAE pass)."""
+    if getattr(pipe, "vae", None) is None:
         return latents.float()
-    scaled = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    return vae.decode(scaled, return_dict=False)[0].float()
+    return decode_latents(pipe, {}, latents)
 
 
 @torch.no_grad()
@@ -333,21 +334,15 @@ def fit_coefficients(pipe: Any, task: Task, scale: float, model_id: str, path: P
     (never a sampled seed), estimating the unconditional output on every other step of the first half
     (:func:`guidance.linear_ag_fit.alternate_steps`). The calibration cost is not part of the cell's NFE or images/s.
     """
-    from guidance.cfg import CFG
-    from guidance.linear_ag_fit import alternate_steps, fit_linear_ag
 
-    def run_for(chunk: list[int]) -> Any:
-        def run(guidance: Guidance) -> None:
-            generators = [torch.Generator("cpu").manual_seed(task.seed + CALIBRATION_SEED_OFFSET + i) for i in chunk]
-            pipe(**task.conditioning(chunk), guidance=guidance, num_inference_steps=task.steps,
-                 generator=generators, output_type="latent")
-
-        return run
+    def run(guidance: Guidance, chunk: list[int]) -> None:
+        generators = [torch.Generator("cpu").manual_seed(task.seed + CALIBRATION_SEED_OFFSET + i) for i in chunk]
+        pipe(**task.conditioning(chunk), guidance=guidance, num_inference_steps=task.steps,
+             generator=generators, output_type="latent")
 
     indices = list(range(CALIBRATION_IMAGES))
-    runs = [run_for(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
-    coefficients = fit_linear_ag(runs, steps=alternate_steps(task.steps), model_id=model_id,
-                                 scheduler=type(pipe.scheduler).__name__, base=CFG(scale))
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    coefficients = linear_ag_coefficients(run, chunks, task.steps, model_id, type(pipe.scheduler).__name__, scale)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     coefficients.save(tmp)
