@@ -105,11 +105,11 @@ def add_shared_arguments(
 
 def guiding_model(requested: str | None, embedded: bool) -> str | None:
     """``--guiding-model``, or the embedded model's weaker checkpoint (``samples/weights/digits-weak``) for it."""
-    from samples.digits.nets import WEIGHTS_DIR
+    from samples.digits.nets import WEAK_MODEL
 
     if requested is not None:
         return requested
-    return str(WEIGHTS_DIR / "digits-weak") if embedded else None
+    return str(WEAK_MODEL) if embedded else None
 
 
 class PlainProgress:

@@ -249,8 +249,7 @@ def test_clip_scorer_drives_dynamic_cfg_on_a_tiny_text_to_image_pipeline(tmp_pat
 
 def test_classifier_scorer_on_the_embedded_digits_model():
     from pipelines import GuidedClassConditionalPipeline
-    from samples.digits.nets import load_classifier
-    from samples.generate.command import EMBEDDED_MODEL
+    from samples.digits.nets import EMBEDDED_MODEL, load_classifier
 
     if not EMBEDDED_MODEL.is_dir():
         pytest.skip("embedded digits model not trained")

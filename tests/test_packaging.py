@@ -47,6 +47,15 @@ def test_core_dependencies_hold_none_of_the_heavy_packages_and_test_pulls_the_ex
     assert "diffusion-guidance[eval,train]" in extras["test"] and "scipy" in extras["test"]
 
 
+def test_the_tools_are_installed_by_job_and_the_digits_trainer_is_not():
+    from setuptools import find_packages
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = set(find_packages(str(REPO), include=include))
+    assert {"samples.generate", "samples.evaluate", "samples.metrics", "samples.digits"} <= packages
+    assert (REPO / "scripts" / "train_digits.py").is_file() and not any(p.startswith("scripts") for p in packages)
+
+
 def test_shipped_heldout_split_is_the_scikit_learn_split():
     images, labels = digits_data.load_heldout()
     split = digits_data.load_digits_split()

@@ -22,8 +22,15 @@ from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 EMBEDDED_MODEL = WEIGHTS_DIR / "digits"  # the pipeline both CLIs load by default
+WEAK_MODEL = WEIGHTS_DIR / "digits-weak"  # its less-trained checkpoint: Autoguidance's default guiding model
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+def is_embedded(model: str | Path | None) -> bool:
+    """Whether ``model`` (``None``: the default) is one of the digits checkpoints shipped in ``samples/weights``."""
+    return model is None or Path(model).expanduser().resolve().parent == WEIGHTS_DIR
 
 
 class DigitClassifier(nn.Module):

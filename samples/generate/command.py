@@ -47,7 +47,7 @@ from samples.loading import (  # noqa: E402
     read_class_name,
     set_scheduler,
 )
-from samples.digits.nets import EMBEDDED_MODEL, WEIGHTS_DIR  # noqa: E402
+from samples.digits.nets import EMBEDDED_MODEL, is_embedded  # noqa: E402
 from samples.method_inputs import MethodInputs, fit_linear_ag_coefficients, generators  # noqa: E402
 
 _IMPORT_SECONDS = time.perf_counter() - _START
@@ -123,11 +123,6 @@ class MethodResult:
     accuracy: float | None = None
     note: str = ""
     config: Any = field(default=None)
-
-
-def is_embedded(model: str | None) -> bool:
-    """Whether ``model`` is one of the digits checkpoints shipped in ``samples/weights``."""
-    return model is None or Path(model).expanduser().resolve().parent == WEIGHTS_DIR
 
 
 def resolve_device(name: str | None) -> str:
