@@ -19,26 +19,12 @@ from guidance.base import Step
 from guidance.scorers import ClassifierScorer, CLIPScorer, WeightedScorer
 from pipelines.loop import denoise
 from tests.test_gfcg import BayesClassifier, CountingModel, sample, three_class_mixture
+from tests.test_gfcg import classifier, mixture, scheduler  # noqa: F401  (fixtures)
 from tests.tiny import tiny_tokenizer
 
 STEPS = 10
 SCALES = (1.0, 2.0, 3.5, 5.0)
 LABELS = torch.tensor([0, 1, 2, 1, 0])
-
-
-@pytest.fixture
-def scheduler():
-    return DDIMScheduler(clip_sample=False)
-
-
-@pytest.fixture
-def mixture(scheduler):
-    return three_class_mixture(scheduler)
-
-
-@pytest.fixture
-def classifier(mixture):
-    return BayesClassifier(mixture).eval()
 
 
 def prefer(index: int):

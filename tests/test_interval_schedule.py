@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, HeunDiscreteScheduler
+from diffusers import HeunDiscreteScheduler
 
 from guidance import (
     APG, CFG, GFCG, TAGCFG, AdaptiveGuidance, Branch, DynamicCFG, GuidanceInterval, Guidance, NLG, ScaleSchedule, TAG,
@@ -21,19 +21,10 @@ from guidance import (
 from guidance.schedule import cosine_scale, linear_scale
 from tests.test_adaptive_guidance import crossing_at, make_scheduler, run_scripted
 from tests.test_gfcg import BayesClassifier, CountingModel, sample, three_class_mixture
+from tests.test_gfcg import mixture, scheduler  # noqa: F401  (fixtures)
 
 STEPS = 12
 W = 3.0
-
-
-@pytest.fixture
-def scheduler():
-    return DDIMScheduler(clip_sample=False)
-
-
-@pytest.fixture
-def mixture(scheduler):
-    return three_class_mixture(scheduler)
 
 
 LABELS = torch.tensor([0, 1, 2, 1])
