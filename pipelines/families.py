@@ -88,7 +88,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("StableDiffusionControlNetPipeline", "batched", True),
     Family("StableDiffusionXLPipeline", "batched", True, interleaved=("time_ids",)),
     Family("StableDiffusionXLImg2ImgPipeline", "batched", False),
+    Family("StableDiffusionXLInpaintPipeline", "batched", False),
+    Family("StableDiffusionXLControlNetPipeline", "batched", True, interleaved=("time_ids",)),
     Family("StableDiffusion3Pipeline", "batched", True),
+    Family("StableDiffusion3Img2ImgPipeline", "batched", False),
     Family("FluxPipeline", "sequential", True, decode=decode_packed_latents, shared_keywords=("img_ids", "txt_ids")),
 )
 

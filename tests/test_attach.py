@@ -20,12 +20,15 @@ from diffusers import (
     EulerDiscreteScheduler,
     FluxPipeline,
     KDPM2DiscreteScheduler,
+    StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
@@ -40,6 +43,7 @@ from tiny import (  # noqa: F401
     tiny_flux_components,
     tiny_inpainting_unet,
     tiny_sd3_components,
+    tiny_sdxl_controlnet,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,12 +106,21 @@ def families(sd, sdxl, image, tmp_path):
         "sdxl": (build(StableDiffusionXLPipeline, sdxl), {"prompt": ["a red cat", "a dog"]}),
         "sdxl-img2img": (build(StableDiffusionXLImg2ImgPipeline, sdxl, requires_aesthetics_score=False),
                          {"prompt": "a cat", "image": image, "strength": 0.8, "num_inference_steps": 4}),
+        "sdxl-inpaint": (build(StableDiffusionXLInpaintPipeline, sdxl, requires_aesthetics_score=False),
+                         {"prompt": "a cat", "image": image, "mask_image": mask, "strength": 0.8,
+                          "num_inference_steps": 4}),
+        "sdxl-controlnet": (build(StableDiffusionXLControlNetPipeline, sdxl, controlnet=tiny_sdxl_controlnet()),
+                            {"prompt": ["a red cat", "a dog"], "image": image}),
         "sd3": (build(StableDiffusion3Pipeline, tiny_sd3_components(tmp_path)),
                 {"prompt": "a cat", "negative_prompt": "dog", "max_sequence_length": 16}),
+        "sd3-img2img": (build(StableDiffusion3Img2ImgPipeline, tiny_sd3_components(tmp_path)),
+                        {"prompt": "a cat", "image": image, "strength": 0.7, "num_inference_steps": 4,
+                         "max_sequence_length": 16}),
     }
 
 
-FAMILIES = ["sd", "sd-img2img", "sd-inpaint", "sd-controlnet", "sdxl", "sdxl-img2img", "sd3"]
+FAMILIES = ["sd", "sd-img2img", "sd-inpaint", "sd-controlnet", "sdxl", "sdxl-img2img", "sdxl-inpaint",
+            "sdxl-controlnet", "sd3", "sd3-img2img"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

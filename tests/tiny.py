@@ -186,6 +186,19 @@ def tiny_controlnet(seed: int = 1):
     ).eval()
 
 
+def tiny_sdxl_controlnet(seed: int = 1):
+    """A ``ControlNetModel`` matching :func:`tiny_sdxl_components`' UNet (``text_time`` added conditioning)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    return ControlNetModel(
+        block_out_channels=(16, 32), layers_per_block=1, in_channels=4, down_block_types=("DownBlock2D",
+        "CrossAttnDownBlock2D"), conditioning_embedding_out_channels=(16, 32), attention_head_dim=4,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=8,
+    ).eval()
+
+
 def tiny_inpainting_unet(seed: int = 2):
     """A 9-channel inpainting ``UNet2DConditionModel`` (latents, mask, masked-image latents) with 4 output channels."""
     from diffusers import UNet2DConditionModel
