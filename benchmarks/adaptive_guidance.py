@@ -29,7 +29,6 @@ each part (``linear_ag_*.safetensors``).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
