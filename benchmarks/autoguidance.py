@@ -14,14 +14,12 @@ scale) are printed under the table, whether they hold or not.
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.gfcg import RESULTS, ROOT, Row, Setup, mcnemar_p, measure
+from benchmarks.gfcg import RESULTS, ROOT, Row, Setup, mcnemar_p, measure, write_rows_csv
 from guidance import CFG, GFCG, AutoGuidance, Guidance
 from pipelines.class_conditional import GuidedClassConditionalPipeline
 from pipelines.schedulers import prediction_type_of
@@ -120,12 +118,7 @@ def claims(rows: list[Row], steps: int) -> list[str]:
 
 
 def write(rows: list[Row], out: Path, header: str, steps: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    columns = [name for name in asdict(rows[0]) if name != "correct"]
-    with open(out / "autoguidance.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({name: getattr(row, name) for name in columns} for row in rows)
+    write_rows_csv(rows, out / "autoguidance.csv")
     lines = [header, "", "| method | scale | FD-digits | precision | recall | class accuracy | NFE / image (main + "
              "guiding) |", "|---|---|---|---|---|---|---|"]
     for row in rows:

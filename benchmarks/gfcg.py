@@ -169,16 +169,21 @@ def best_cfg_at_fd(rows: list[Row], fd: float) -> Row | None:
     return max(matched, key=lambda row: row.accuracy) if matched else None
 
 
+def write_rows_csv(rows: list[Row], path: Path) -> None:
+    """``rows`` as CSV at ``path`` (every field but the per-sample verdicts), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = [name for name in asdict(rows[0]) if name != "correct"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({name: getattr(row, name) for name in columns} for row in rows)
+
+
 def write_table(rows: list[Row], out: Path, stem: str, header: str) -> Path:
     """CSV of every row, and a markdown table with two comparisons against CFG: at the same scale (GFCG alone: against
     the unguided conditional run, CFG w=1), and against the most accurate CFG run at equal or better FD-digits, with
     the exact McNemar p-value of that accuracy difference (same seeds and labels, so the samples are paired)."""
-    out.mkdir(parents=True, exist_ok=True)
-    columns = [name for name in asdict(rows[0]) if name != "correct"]
-    with open(out / f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({name: getattr(row, name) for name in columns} for row in rows)
+    write_rows_csv(rows, out / f"{stem}.csv")
     cfg = {row.scale: row for row in rows if row.method == "CFG"}
     lines = [header, "", "| method | scale | accuracy | acc - CFG same scale | best CFG at <= FD (acc, p) | "
              "guide_acc | FD-digits | FD / CFG same scale | precision | recall | NFE | model calls |",

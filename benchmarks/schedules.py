@@ -20,14 +20,12 @@ DynamicCFG chose at every step).
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.gfcg import RESULTS, Row, Setup, load_setup, measure
+from benchmarks.gfcg import RESULTS, Row, Setup, load_setup, measure, write_rows_csv
 from guidance import CFG, DynamicCFG, Guidance, GuidanceInterval, ScaleSchedule
 from samples.digits.data import NUM_CLASSES
 from samples.digits.nets import WEIGHTS_DIR
@@ -81,12 +79,7 @@ def dynamic_rule(rule: Guidance) -> DynamicCFG | None:
 
 
 def write_table(rows: list[Row], out: Path, header: str, claim: list[str]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    columns = [name for name in asdict(rows[0]) if name != "correct"]
-    with open(out / "schedules.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({name: getattr(row, name) for name in columns} for row in rows)
+    write_rows_csv(rows, out / "schedules.csv")
     cfg = next(row for row in rows if row.method == "CFG")
     lines = [header, "", "| method | setting | FD-digits | FD / CFG | precision | recall | accuracy | NFE | NFE / CFG |",
              "|---|---|---|---|---|---|---|---|---|"]
