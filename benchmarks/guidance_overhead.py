@@ -68,8 +68,7 @@ SD15_UNET = {
 
 def step_for(sample: torch.Tensor, prediction_type: str) -> Step:
     return Step(index=0, num_steps=50, evaluation=0, first_stage=True, timestep=torch.tensor(500),
-                alpha=math.sqrt(1 - SIGMA**2), sigma=SIGMA, sample=sample, prediction_type=prediction_type,
-                batch_size=sample.shape[0])
+                alpha=math.sqrt(1 - SIGMA**2), sigma=SIGMA, sample=sample, prediction_type=prediction_type)
 
 
 def listing_float64(cond: torch.Tensor, uncond: torch.Tensor, threshold: float) -> torch.Tensor:

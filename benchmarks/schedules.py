@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def chosen_per_step(rule: DynamicCFG, steps: int) -> torch.Tensor:
     """Chosen scale ``[steps, batch]`` (NaN at steps where the rule was not consulted, e.g. outside an interval)."""
-    table = torch.full((steps, rule.history[0]["batch_size"]), float("nan"), dtype=torch.float64)
+    table = torch.full((steps, len(rule.history[0]["scale"])), float("nan"), dtype=torch.float64)
     for record, scales in zip(rule.history, rule.chosen_scales):
         table[record["step"]] = scales
     return table

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -125,11 +126,10 @@ class AdaptiveGuidance(Guidance):
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _switched(self, step: Step) -> torch.Tensor:
-        """Bool ``[rows]``: samples of ``step`` that are conditional-only at this step."""
+        """Bool ``[B]``: samples that are conditional-only at this step."""
         if self._switch_after is None:
             self._switch_after = torch.full((step.batch_size,), _NEVER, dtype=torch.long)
-        switched = self._switch_after < step.index
-        return switched if step.rows is None else switched[step.rows.cpu()]
+        return self._switch_after < step.index
 
     @property
     def sample_switch_steps(self) -> list[int | None]:
@@ -151,38 +151,33 @@ class AdaptiveGuidance(Guidance):
             return self.base.branches(step, preds)
         if switched.all():
             return [Branch("cond")]
-        keep = ~switched
-        return [b if b.name == "cond" else _restrict(b, keep) for b in self.base.branches(step, preds)]
+        return [b if b.name == "cond" else _restrict(b, ~switched) for b in self.base.branches(step, preds)]
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
+        """The base rule where a sample is still guided, its conditional prediction where it switched (the loop
+        fills the unconditional rows of switched samples with the conditional prediction)."""
         cond = preds["cond"]
         if "uncond" not in preds:
             return cond
         switched = self._switched(step)
+        self._observe(cond, preds["uncond"], step, ~switched)
+        guided = self.base.combine(preds, step).to(cond.dtype)
         if not switched.any():
-            self._observe(cond, preds["uncond"], step)
-            return self.base.combine(preds, step)
-        rows = torch.nonzero(~switched).flatten()
-        sub_step = step.select(rows.to(step.sample.device))
-        sub_preds = {name: cond[rows] if name == "cond" else value for name, value in preds.items()}
-        self._observe(sub_preds["cond"], preds["uncond"], sub_step)
-        guided = cond.clone()
-        guided[rows] = self.base.combine(sub_preds, sub_step).to(cond.dtype)
-        return guided
+            return guided
+        return torch.where(_per_sample(switched, cond), cond, guided)
 
-    def _observe(self, cond: torch.Tensor, uncond: torch.Tensor, step: Step) -> None:
-        """Measure gamma on the first evaluation of a step and latch samples that reached the threshold."""
+    def _observe(self, cond: torch.Tensor, uncond: torch.Tensor, step: Step, measured: torch.Tensor) -> None:
+        """Measure gamma on the first evaluation of a step (for the ``measured`` samples; NaN elsewhere) and latch
+        samples that reached the threshold."""
         if not step.first_stage:
             return
-        gamma = self.statistic(cond, uncond, step)
-        rows = torch.arange(step.batch_size) if step.rows is None else step.rows.cpu()
-        full = torch.full((step.batch_size,), float("nan"), dtype=torch.float64)
-        full[rows] = gamma.double().cpu()
-        self.gamma_history.append(full)
+        gamma = self.statistic(cond, uncond, step).double().cpu()
+        gamma = torch.where(measured, gamma, torch.full_like(gamma, float("nan")))
+        self.gamma_history.append(gamma)
         self.gamma_steps.append(step.index)
         if self.record_only:
             return
-        crossed = full >= self.threshold  # NaN (not measured) never crosses
+        crossed = gamma >= self.threshold  # NaN (not measured) never crosses
         if self.reduce == "all":
             crossed = crossed.all().expand_as(crossed)
         latch = crossed & (self._switch_after > step.index)
@@ -198,11 +193,11 @@ class AdaptiveGuidance(Guidance):
 
 
 def _restrict(branch: Branch, keep: torch.Tensor) -> Branch:
-    """``branch`` limited to the samples where ``keep`` (bool over the step's rows) is true."""
-    if branch.rows is None:
-        rows = torch.nonzero(keep).flatten()
-        labels = None if branch.labels is None else branch.labels[rows.to(branch.labels.device)]
-        return Branch(branch.name, rows=rows, labels=labels)
-    mask = keep[branch.rows.cpu()]
-    labels = None if branch.labels is None else branch.labels[mask.to(branch.labels.device)]
-    return Branch(branch.name, rows=branch.rows[mask.to(branch.rows.device)], labels=labels)
+    """``branch`` limited to the samples where ``keep`` (bool ``[B]``) is true."""
+    mask = keep if branch.mask is None else branch.mask & keep.to(branch.mask.device)
+    return replace(branch, mask=mask)
+
+
+def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A bool ``[B]`` mask shaped to broadcast over ``like`` ``[B, ...]``, on its device."""
+    return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))

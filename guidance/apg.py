@@ -118,7 +118,8 @@ class APG(Guidance):
         return [Branch("cond")] if self.guidance_scale == 1.0 else [Branch("uncond"), Branch("cond")]
 
     def _accumulate(self, diff: torch.Tensor, step: Step) -> torch.Tensor:
-        """M_k = diff + beta * M_{k-1} for the rows of ``step``; the buffer keeps the whole batch.
+        """M_k = diff + beta * M_{k-1}, a plain running sum over the evaluations (over the steps with
+        ``momentum_per="step"``: both stages of a Heun step add to the sum the step began with).
 
         A rise of the noise level (a new generation, a second img2img pass) starts the sum again (spaces.md §4).
         """
@@ -128,19 +129,13 @@ class APG(Guidance):
             self.reset()
         self._noise_level = step.noise_level
         if self._buffer is None:
-            shape = (step.batch_size, *diff.shape[1:])
-            self._buffer = self._previous = torch.zeros(shape, dtype=diff.dtype, device=diff.device)
-        rows = slice(None) if step.rows is None else step.rows
+            self._buffer = self._previous = torch.zeros_like(diff)
         advance = self.momentum_per == "evaluation" or step.first_stage
         if advance:
             self._previous = self._buffer
-        accumulated = torch.add(diff, self._previous[rows], alpha=self.momentum)
+        accumulated = torch.add(diff, self._previous, alpha=self.momentum)
         if advance:
-            if step.rows is None:
-                self._buffer = accumulated
-            else:
-                self._buffer = self._previous.clone()
-                self._buffer[rows] = accumulated
+            self._buffer = accumulated
         return accumulated
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:

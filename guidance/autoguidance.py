@@ -108,6 +108,7 @@ class AutoGuidance(Guidance):
         return autoguidance_combine(preds["cond"], preds[GUIDING], self.guidance_scale)
 
 
-def guiding_branch(rows: torch.Tensor | None = None) -> Branch:
-    """The guiding model's prediction under the samples' own condition (``cond``), for ``rows`` (``None``: all)."""
-    return Branch(GUIDING, rows=rows, network=GUIDING, condition="cond")
+def guiding_branch(mask: torch.Tensor | None = None) -> Branch:
+    """The guiding model's prediction under the samples' own condition (``cond``), for the samples in ``mask``
+    (``None``: all)."""
+    return Branch(GUIDING, mask=mask, network=GUIDING, condition="cond")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -26,9 +26,11 @@ from guidance import spaces
 class Branch:
     """One condition to evaluate: ``cond``, ``uncond`` or a labelled reference ``ref``.
 
-    ``rows`` (long indices into the batch) restricts the evaluation to some samples; ``None`` means all.
-    ``labels`` (one label id per evaluated row) selects the condition of a labelled branch from the pipeline's label
-    set (class ids, or the prompts of a text-to-image label set).
+    ``mask`` (bool, one entry per sample) asks for the samples that need the branch; ``None`` means all. The loop
+    evaluates only those rows and hands the rule a prediction for the whole batch: rows outside the mask hold the
+    ``cond`` prediction, so a rule selects with ``torch.where(mask, ...)`` and never sees a row subset.
+    ``labels`` (one label id per sample; entries outside ``mask`` are ignored) selects the condition of a labelled
+    branch from the pipeline's label set (class ids, or the prompts of a text-to-image label set).
     ``network`` names the denoiser that evaluates the branch: ``None`` is the pipeline's own, any other name one of
     the rule's :attr:`Guidance.networks` (Autoguidance's guiding model), called like the pipeline's own.
     ``condition`` names the branch whose keywords it takes (default: ``name``), so a branch of another network can
@@ -36,7 +38,7 @@ class Branch:
     """
 
     name: str
-    rows: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     network: str | None = None
     condition: str | None = None
@@ -65,7 +67,7 @@ class Step:
 
     ``index`` counts *completed* sampling steps before this evaluation (so both evaluations of a Heun step share it)
     and ``evaluation`` counts model evaluations. ``sample`` is the model input ``x = alpha * x0 + sigma * eps`` of the
-    rows this record covers (``rows``; ``None`` = the whole batch of ``batch_size``).
+    whole batch.
     """
 
     index: int
@@ -77,8 +79,6 @@ class Step:
     sigma: float
     sample: torch.Tensor
     prediction_type: str
-    batch_size: int
-    rows: torch.Tensor | None = None
     target_labels: torch.Tensor | None = None
     decode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     #: size of the pipeline's label set (the labels a ``ref`` branch may ask for); 0 without one
@@ -101,11 +101,10 @@ class Step:
         """Model output (float32 or better) whose denoised estimate is ``x0``."""
         return spaces.from_x0(x0, self.sample, self.alpha, self.sigma, self.prediction_type)
 
-    def select(self, rows: torch.Tensor) -> Step:
-        """The record restricted to ``rows`` (indices relative to this record's own rows)."""
-        absolute = rows if self.rows is None else self.rows[rows]
-        labels = None if self.target_labels is None else self.target_labels[rows]
-        return replace(self, sample=self.sample[rows], rows=absolute, target_labels=labels)
+    @property
+    def batch_size(self) -> int:
+        """The number of samples."""
+        return self.sample.shape[0]
 
 
 class NoiseContext(Protocol):

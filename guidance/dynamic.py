@@ -24,7 +24,6 @@ combination and schedule are not public; everything below is this library's read
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,8 +86,8 @@ class DynamicCFG(Guidance):
             the candidates (default 7.5, CFG's).
 
     Diagnostics, reset at every generation: :attr:`history` (one dict per model evaluation: ``step``, ``evaluation``,
-    ``noise_level``, ``rows`` (``None`` = the whole batch), per sample ``choice`` (candidate index) and ``scale``, and
-    ``scores`` ``[K, rows]``), and :attr:`chosen_scales` ``[evaluations, batch]``.
+    ``noise_level``, per sample ``choice`` (candidate index) and ``scale``, and ``scores`` ``[K, B]``), and
+    :attr:`chosen_scales` ``[evaluations, batch]``.
     """
 
     required_branches = frozenset({"cond", "uncond"})
@@ -125,14 +124,10 @@ class DynamicCFG(Guidance):
 
     @property
     def chosen_scales(self) -> torch.Tensor:
-        """Chosen scale per evaluation and sample, float64 ``[evaluations, batch]`` (NaN: row not in that record)."""
+        """Chosen scale per evaluation and sample, float64 ``[evaluations, batch]``."""
         if not self.history:
             return torch.empty((0, 0), dtype=torch.float64)
-        table = torch.full((len(self.history), self.history[0]["batch_size"]), math.nan, dtype=torch.float64)
-        for e, record in enumerate(self.history):
-            rows = slice(None) if record["rows"] is None else record["rows"]
-            table[e, rows] = record["scale"]
-        return table
+        return torch.stack([record["scale"] for record in self.history])
 
     def branches(self, step: Step, preds: Predictions) -> list[Branch]:
         return [Branch("cond")] if self.scales == (1.0,) else [Branch("uncond"), Branch("cond")]
@@ -153,7 +148,6 @@ class DynamicCFG(Guidance):
         choice = choice.cpu()
         self.history.append({
             "step": step.index, "evaluation": step.evaluation, "noise_level": step.noise_level,
-            "batch_size": step.batch_size, "rows": None if step.rows is None else step.rows.cpu(),
             "choice": choice, "scale": torch.tensor(self.scales, dtype=torch.float64)[choice],
             "scores": scores.detach().double().cpu(),
         })

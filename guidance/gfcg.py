@@ -165,25 +165,6 @@ def classify(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.softmax(classifier_logits(classifier, images), dim=1)
 
 
-def _fill_rows(full: torch.Tensor, branch: Branch | None, part: torch.Tensor | None) -> torch.Tensor:
-    """``full`` with the rows of ``branch`` replaced by its predictions ``part`` (unchanged where it has none)."""
-    if branch is None or part is None or not part.shape[0]:
-        return full
-    if branch.rows is None:
-        return part.to(full.dtype)
-    out = full.clone()
-    out[branch.rows.to(full.device)] = part.to(full.dtype)
-    return out
-
-
-def _scatter(buffer: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
-    if rows is None:
-        return values.clone()
-    out = buffer.clone()
-    out[rows.to(out.device)] = values.to(out.dtype)
-    return out
-
-
 @register("gfcg")
 class GFCG(Guidance):
     """Gradient-free classifier guidance (see the module docstring for the formula; reconstruction, see there).
@@ -220,7 +201,7 @@ class GFCG(Guidance):
             ``"additive"`` (Autoguidance plus a GFCG contrast against the guiding model at ``c_ref``) [reconstruction].
 
     Diagnostics: :attr:`history` (reset at every generation) holds one dict per model evaluation with ``step``,
-    ``evaluation``, ``noise_level``, ``rows`` (``None`` = the whole batch) and, per sample, ``reference`` (long; -1
+    ``evaluation``, ``noise_level`` and, per sample, ``reference`` (long; -1
     where the classifier did not run), ``scale`` (``w_t``) and ``target_prob`` (``p_c``; NaN where it did not run).
 
     Cost per evaluation: 1 conditional NFE, 1 reference NFE for every sample with ``w_t > 0`` (so 2 per step, 3 with
@@ -327,28 +308,26 @@ class GFCG(Guidance):
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
         cond = preds["cond"]
         _, scale = self._selection
-        reference_out = _fill_rows(cond, self._ref_branch, preds["ref"])
+        reference_out = preds["ref"]  # the loop fills the rows without a reference (w_t = 0) with ``cond``
         if self.autoguidance is not None:
             guided = self._combine_autoguidance(cond, reference_out, scale, preds)
         else:
             cfg_scale = 1.0 if self.cfg_scale is None else self.cfg_scale
             guided = gfcg_combine(cond, reference_out, scale, preds.get("uncond"), cfg_scale)
         if self.classifier_input == "previous":
-            x0 = step.to_x0(guided).detach()
-            if self._previous_x0 is None:
-                self._previous_x0 = x0.new_zeros((step.batch_size, *x0.shape[1:]))
-            self._previous_x0 = _scatter(self._previous_x0, step.rows, x0)
+            self._previous_x0 = step.to_x0(guided).detach()
         return guided.to(cond.dtype)
 
     def _combine_autoguidance(
         self, cond: torch.Tensor, reference_out: torch.Tensor, scale: torch.Tensor, preds: Predictions
     ) -> torch.Tensor:
-        """The two Autoguidance forms of the module docstring (rows without a guiding prediction use ``cond``)."""
+        """The two Autoguidance forms of the module docstring (without a guiding prediction: ``cond``)."""
         w = self.autoguidance.guidance_scale
+        guiding = preds.get(GUIDING, cond)
         if self.autoguidance_form == "additive":
-            guiding = _fill_rows(cond, self._guiding_branch, preds.get(GUIDING))
             return gfcg_combine(cond, reference_out, scale, base=autoguidance_combine(cond, guiding, w))
-        bad = _fill_rows(reference_out, self._guiding_branch, preds.get(GUIDING))
+        has_reference = (scale > 0).to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+        bad = torch.where(has_reference, reference_out, guiding)
         total = torch.as_tensor(w, dtype=torch.float64) + scale.double().cpu()  # float64: exactly w where w_t = 0
         return autoguidance_combine(cond, bad, total.to(scale.device))
 
@@ -372,36 +351,28 @@ class GFCG(Guidance):
         """The denoised estimate the classifier reads (``None``: nothing to read yet)."""
         if self.classifier_input == "cond":
             return step.to_x0(cond)
-        if self._previous_x0 is None:
-            return None
-        return self._previous_x0 if step.rows is None else self._previous_x0[step.rows.to(self._previous_x0.device)]
+        return self._previous_x0
 
     def _select(self, step: Step, cond: torch.Tensor | None) -> None:
-        """Pick reference labels and scales for the rows of ``step``; record them in :attr:`history`."""
+        """Pick reference labels and scales per sample; record them in :attr:`history`."""
         count, device = step.sample.shape[0], step.sample.device
         reference = torch.full((count,), -1, dtype=torch.long, device=device)
         scale = torch.zeros(count, dtype=torch.float32, device=device)
         target_prob = torch.full((count,), float("nan"), dtype=torch.float32, device=device)
         if self._reuses_stage(step):
-            rows = slice(None) if step.rows is None else step.rows.to(device)
-            reference, scale = self._stage[0][rows], self._stage[1][rows]
+            reference, scale = self._stage
         elif self._in_window(step):
             x0 = self._estimate(step, cond)
             if x0 is not None:
                 reference, scale, target_prob = self._score(step, x0)
         if step.first_stage:
-            if self._stage is None:
-                self._stage = (torch.full((step.batch_size,), -1, dtype=torch.long, device=device),
-                               torch.zeros(step.batch_size, dtype=torch.float32, device=device))
-            self._stage = (_scatter(self._stage[0], step.rows, reference), _scatter(self._stage[1], step.rows, scale))
-        active = torch.nonzero(scale > 0).flatten()
+            self._stage = (reference, scale)
         self._selection = (reference, scale)
         network = None if self.autoguidance is None else GUIDING
-        self._ref_branch = Branch("ref", rows=active, labels=reference[active], network=network)
+        self._ref_branch = Branch("ref", mask=scale > 0, labels=reference, network=network)
         self._guiding_branch = self._guiding_rows(scale)
         self.history.append({
             "step": step.index, "evaluation": step.evaluation, "noise_level": step.noise_level,
-            "rows": None if step.rows is None else step.rows.cpu(),
             "reference": reference.cpu(), "scale": scale.cpu(), "target_prob": target_prob.cpu(),
         })
 
@@ -412,7 +383,7 @@ class GFCG(Guidance):
             return None
         if self.autoguidance_form == "additive":
             return guiding_branch()
-        return guiding_branch(torch.nonzero(scale <= 0).flatten())
+        return guiding_branch(scale <= 0)
 
     def _score(self, step: Step, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Classifier pass on ``decode(x0)``: reference labels, scales ``w_t`` and target probabilities."""

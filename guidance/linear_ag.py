@@ -131,17 +131,16 @@ class LinearAG(AdaptiveGuidance):
         return super().branches(step, preds)
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
-        active = ~self._switched(step)  # samples still guided; the others' estimates and history are never read
         coefficients = self._estimated(step)
         if coefficients is not None:
             past = list(reversed(self._past))[: self._history_length]
             sample = step.sample if self._use_sample else None
-            estimate = affine_combination(coefficients, regressors(preds["cond"], past, sample, self._intercept))
-            preds = {**preds, "uncond": estimate[active.to(estimate.device)]}
+            cond = preds["cond"]
+            estimate = affine_combination(coefficients, regressors(cond, past, sample, self._intercept))
+            switched = self._switched(step).to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+            preds = {**preds, "uncond": torch.where(switched, cond, estimate)}  # as the loop fills switched rows
         if "uncond" in preds and self._history_length:
-            uncond = preds["cond"].clone()
-            uncond[active.to(uncond.device)] = preds["uncond"]
-            self._past.append((preds["cond"], uncond))
+            self._past.append((preds["cond"], preds["uncond"]))
         return super().combine(preds, step)
 
 

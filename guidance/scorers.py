@@ -161,8 +161,7 @@ class CLIPScorer:
         if len(self.prompts) not in (1, step.batch_size):
             raise ValueError(f"CLIPScorer has {len(self.prompts)} prompts for a batch of {step.batch_size} samples; "
                              "give one prompt per sample or a single prompt")
-        rows = torch.arange(batch) if step.rows is None else step.rows.cpu()
-        per_sample = text[0].expand(batch, -1) if len(self.prompts) == 1 else text[rows.to(text.device)]
+        per_sample = text[0].expand(batch, -1) if len(self.prompts) == 1 else text
         image = self.image_features(decode_candidates(candidates, step)).reshape(num, batch, -1)
         return (image * per_sample[None]).sum(-1).float()
 

@@ -155,7 +155,7 @@ class GuidedRun:
         return Step(
             index=self.completed, num_steps=self.num_steps, evaluation=evaluation, first_stage=first_stage,
             timestep=timestep, alpha=alpha, sigma=sigma, sample=sample, prediction_type=self.adapter.prediction_type,
-            batch_size=sample.shape[0], target_labels=conditioning.target_labels, decode=self.decode,
+            target_labels=conditioning.target_labels, decode=self.decode,
             num_labels=conditioning.num_labels, scheduler=self.scheduler,
         )
 
@@ -167,12 +167,15 @@ class GuidedRun:
         conditioning: BranchConditioning,
         model_input: torch.Tensor,
         trace: dict[str, int],
+        done: Predictions | None = None,
     ) -> Predictions:
-        """Evaluate ``branches`` for the rows of ``step``: one batched call of ``model_fn`` for the branches of the
-        pipeline's own denoiser, then one per other network (:attr:`Branch.network`); count every row.
+        """Evaluate ``branches`` at ``step``: one batched call of ``model_fn`` for the branches of the pipeline's own
+        denoiser, then one per other network (:attr:`Branch.network`); count every row.
 
-        ``model_input`` holds the network input of each sample (``step.sample``, plus any channels the network is
-        conditioned on, e.g. an inpainting mask).
+        Only the rows in a branch's :attr:`~Branch.mask` are computed; each prediction is returned for the whole
+        batch, with the ``cond`` prediction (from this call or ``done``, the predictions made earlier in this
+        evaluation) in the rows outside the mask. ``model_input`` holds the network input of each sample
+        (``step.sample``, plus any channels the network is conditioned on, e.g. an inpainting mask).
         """
         groups: dict[str | None, list[Branch]] = {}
         for branch in branches:
@@ -184,7 +187,16 @@ class GuidedRun:
                                  f"declare (its networks: {sorted(self.network_fns)})")
             fn = model_fn if network is None else self.network_fns[network]
             preds.update(self._forward(step, groups[network], fn, conditioning, model_input, trace, network))
-        return preds
+        filler = preds.get("cond", (done or {}).get("cond"))
+        return {name: self._fill(step, branch, preds[name], filler) for branch in branches for name in [branch.name]}
+
+    def _fill(self, step: Step, branch: Branch, part: torch.Tensor, filler: torch.Tensor | None) -> torch.Tensor:
+        """The prediction of the rows in ``branch.mask`` placed in a whole-batch tensor (``filler``'s other rows)."""
+        if branch.mask is None:
+            return part
+        full = torch.zeros_like(step.sample, dtype=part.dtype) if filler is None else filler.clone()
+        full[branch.mask.to(full.device)] = part
+        return full
 
     def _forward(
         self,
@@ -196,30 +208,32 @@ class GuidedRun:
         trace: dict[str, int],
         network: str | None,
     ) -> Predictions:
-        """One batched call of ``model_fn`` (the denoiser ``network``, ``None``: the pipeline's own)."""
-        local = torch.arange(step.sample.shape[0])
-        rows = [local if b.rows is None else b.rows.long().cpu() for b in branches]
+        """One batched call of ``model_fn`` (the denoiser ``network``, ``None``: the pipeline's own) over the rows each
+        branch asks for; the predictions of those rows only."""
+        batch = step.sample.shape[0]
+        rows = [torch.arange(batch) if b.mask is None else torch.nonzero(b.mask.cpu()).flatten() for b in branches]
         preds = {b.name: step.sample.new_zeros((0, *step.sample.shape[1:])) for b in branches}
         active = [(b, r) for b, r in zip(branches, rows) if r.numel() > 0]
         if not active:
             return preds
-        parts = [model_input if b.rows is None else model_input[r.to(model_input.device)] for b, r in active]
+        parts = [model_input if b.mask is None else model_input[r.to(model_input.device)] for b, r in active]
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
-        kwargs = conditioning.gather([b for b, _ in active], [r for _, r in active])
+        evaluated = [b if b.labels is None or b.mask is None else replace(b, labels=b.labels[r.to(b.labels.device)])
+                     for b, r in active]
+        kwargs = conditioning.gather(evaluated, [r for _, r in active])
         out = model_fn(x, step.timestep, **kwargs)
         self.calls += 1
         self._check_shape(out, x.shape[0], step, network)
         if self.finite is not None:
             self.finite.add(out, step, [(b.name, r.numel()) for b, r in active])
         if self.counts is None:
-            self.counts = torch.zeros(step.batch_size, dtype=torch.long)
+            self.counts = torch.zeros(batch, dtype=torch.long)
         name = MAIN_NETWORK if network is None else network
-        counts = self.network_counts.setdefault(name, torch.zeros(step.batch_size, dtype=torch.long))
+        counts = self.network_counts.setdefault(name, torch.zeros(batch, dtype=torch.long))
         for (branch, r), part in zip(active, out.split([r.numel() for _, r in active])):
             preds[branch.name] = part
-            absolute = r if step.rows is None else step.rows.cpu()[r]
-            self.counts.index_add_(0, absolute, torch.ones_like(absolute))
-            counts.index_add_(0, absolute, torch.ones_like(absolute))
+            self.counts.index_add_(0, r, torch.ones_like(r))
+            counts.index_add_(0, r, torch.ones_like(r))
             trace[branch.name] = trace.get(branch.name, 0) + r.numel()
         return preds
 
@@ -256,7 +270,7 @@ class GuidedRun:
             names = [b.name for b in missing]
             if len(set(names)) != len(names):
                 raise ValueError(f"{self.guidance!r} requested the same branch twice: {names}")
-            preds.update(self.forward(step, missing, model_fn, conditioning, model_input, trace))
+            preds.update(self.forward(step, missing, model_fn, conditioning, model_input, trace, preds))
         self.trace.append({"step": step.index, "evaluation": step.evaluation, "branches": trace})
         return preds
 

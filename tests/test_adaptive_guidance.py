@@ -163,7 +163,7 @@ def vp_step(x: torch.Tensor, alpha: float, prediction_type: str = "epsilon") -> 
     sigma = math.sqrt(1 - alpha * alpha)
     return Step(
         index=0, num_steps=T, evaluation=0, first_stage=True, timestep=torch.tensor(900), alpha=alpha, sigma=sigma,
-        sample=x, prediction_type=prediction_type, batch_size=x.shape[0],
+        sample=x, prediction_type=prediction_type,
     )
 
 
@@ -263,7 +263,8 @@ def test_all_waits_for_the_slowest_sample_and_per_sample_evaluates_only_needed_r
     assert all(c[c < 0].tolist() == [-2] for c in model.calls[3:6])  # only sample 1's null row
     for preds, out in alone.outputs[3:6]:  # sample 0 conditional-only, sample 1 still CFG
         assert torch.equal(out[0], preds["cond"][0])
-        assert torch.equal(out[1], preds["uncond"][0] + SCALE * (preds["cond"][1] - preds["uncond"][0]))
+        assert torch.equal(out[1], preds["uncond"][1] + SCALE * (preds["cond"][1] - preds["uncond"][1]))
+        assert torch.equal(preds["uncond"][0], preds["cond"][0])  # the row not evaluated holds the cond prediction
 
     changed = [crossing_at(2), crossing_at(7)]
     other = AdaptiveGuidance(CFG(SCALE), threshold=0.9, reduce="per-sample")

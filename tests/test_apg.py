@@ -51,8 +51,7 @@ def make_step(sample, sigma=0.6, prediction_type="epsilon", **kw) -> Step:
     alpha = 1 - sigma if prediction_type == "flow" else math.sqrt(1 - sigma**2)
     fields = {"index": 0, "num_steps": 10, "evaluation": 0, "first_stage": True, "timestep": torch.tensor(500)}
     fields.update(kw)
-    return Step(alpha=alpha, sigma=sigma, sample=sample, prediction_type=prediction_type,
-                batch_size=sample.shape[0], **fields)
+    return Step(alpha=alpha, sigma=sigma, sample=sample, prediction_type=prediction_type, **fields)
 
 
 def tensors(*shape, seed=0, n=3, dtype=torch.float32):

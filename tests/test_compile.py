@@ -26,8 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def record(sample: torch.Tensor, sigma: float = 0.6, evaluation: int = 0) -> Step:
     return Step(index=evaluation, num_steps=10, evaluation=evaluation, first_stage=True, timestep=torch.tensor(500),
-                alpha=math.sqrt(1 - sigma**2), sigma=sigma, sample=sample, prediction_type="epsilon",
-                batch_size=sample.shape[0])
+                alpha=math.sqrt(1 - sigma**2), sigma=sigma, sample=sample, prediction_type="epsilon")
 
 
 def tensors(seed: int = 0):

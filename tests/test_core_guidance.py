@@ -37,7 +37,6 @@ def make_step(sample: torch.Tensor, sigma: float = 0.6, prediction_type: str = "
         sigma=sigma,
         sample=sample,
         prediction_type=prediction_type,
-        batch_size=sample.shape[0],
         **fields,
     )
 
@@ -237,7 +236,7 @@ def test_guidance_rescale_of_a_constant_guided_output_is_finite():
     uncond = cond.clone()
     uncond[0] = 0.3  # sample 0 at w = 0: the guided output is out_u = 0.3 everywhere, std 0
     step = Step(index=0, num_steps=1, evaluation=0, first_stage=True, timestep=torch.tensor(500), alpha=0.6,
-                sigma=0.8, sample=torch.randn(2, 4, 4, 4), prediction_type="epsilon", batch_size=2)
+                sigma=0.8, sample=torch.randn(2, 4, 4, 4), prediction_type="epsilon")
     out = CFG(0.0, guidance_rescale=0.7).combine({"cond": cond, "uncond": uncond}, step)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0], torch.full_like(out[0], 0.3))

@@ -38,10 +38,9 @@ def prefer(index: int):
     return scorer
 
 
-def make_step(x, alpha=0.6, target=None, rows=None, batch=None, decode=None):
+def make_step(x, alpha=0.6, target=None, decode=None):
     return Step(index=0, num_steps=STEPS, evaluation=0, first_stage=True, timestep=torch.tensor(500), alpha=alpha,
-                sigma=math.sqrt(1 - alpha**2), sample=x, prediction_type="epsilon",
-                batch_size=x.shape[0] if batch is None else batch, rows=rows, target_labels=target, decode=decode)
+                sigma=math.sqrt(1 - alpha**2), sample=x, prediction_type="epsilon", target_labels=target, decode=decode)
 
 
 # -- equal to CFG where it must be ---------------------------------------------------------------------------------

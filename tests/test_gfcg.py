@@ -205,7 +205,8 @@ def test_classifier_runs_without_autograd():
     step = make_step("epsilon", torch.randn(2, 1, 2, 2), target=torch.tensor([0, 2]), num_labels=3)
     assert gfcg.branches(step, {}) == [Branch("cond")]
     request = gfcg.branches(step, {"cond": cond})[-1]
-    ref = torch.randn(request.rows.numel(), 1, 2, 2)
+    assert request.mask.all()  # both samples get a reference: the loop's full-batch prediction is all evaluated
+    ref = torch.randn(2, 1, 2, 2)
     out = gfcg.combine({"cond": cond, "ref": ref}, step)
     assert seen_grad_mode == [False]
     scale = gfcg.history[0]["scale"]
@@ -272,7 +273,7 @@ def test_per_sample_reference_labels_reach_the_model(mixture, scheduler, classif
 def make_step(prediction_type, sample, *, target, num_labels, alpha=0.6, sigma=0.8, decode=None):
     return Step(
         index=0, num_steps=10, evaluation=0, first_stage=True, timestep=torch.tensor(500), alpha=alpha, sigma=sigma,
-        sample=sample, prediction_type=prediction_type, batch_size=sample.shape[0], target_labels=target,
+        sample=sample, prediction_type=prediction_type, target_labels=target,
         decode=decode, num_labels=num_labels,
     )
 
@@ -297,7 +298,8 @@ def test_same_step_in_every_prediction_space():
         gfcg = GFCG(Pixels(), scale_rule="ratio", w_max=3.0, cfg_scale=1.7)
         preds = {"cond": out(clean[target, torch.arange(batch)]), "uncond": out(clean[-1])}
         ref = gfcg.branches(step, preds)[-1]
-        preds["ref"] = out(clean[ref.labels, ref.rows])
+        assert ref.mask.all()  # every sample has a reference here (the loop would fill the others with cond)
+        preds["ref"] = out(clean[ref.labels, torch.arange(batch)])
         results[prediction_type] = to_x0(gfcg.combine(preds, step), x, alpha, sigma, prediction_type)
         reference, scale = gfcg.history[0]["reference"], gfcg.history[0]["scale"]
     cond, uncond, refx0 = clean[target, torch.arange(batch)], clean[-1], clean[reference, torch.arange(batch)]

@@ -53,7 +53,7 @@ def refine(guidance, latents, model=None, labels=None, scheduler=None, generator
 
 def step_record(prediction_type: str, alpha: float, sigma: float, sample: torch.Tensor) -> Step:
     return Step(index=0, num_steps=1, evaluation=-1, first_stage=True, timestep=torch.tensor(999.0), alpha=alpha,
-                sigma=sigma, sample=sample, prediction_type=prediction_type, batch_size=sample.shape[0])
+                sigma=sigma, sample=sample, prediction_type=prediction_type)
 
 
 # ---------------------------------------------------------------- the refinement step
