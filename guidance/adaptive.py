@@ -145,13 +145,13 @@ class AdaptiveGuidance(Guidance):
         return None if not steps or None in steps else max(steps)  # type: ignore[type-var]
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         switched = self._switched(step)
         if not switched.any():
-            return self.base.branches(step, preds)
+            return self.base.branches(preds, step)
         if switched.all():
             return [Branch("cond")]
-        return [b if b.name == "cond" else _restrict(b, ~switched) for b in self.base.branches(step, preds)]
+        return [b if b.name == "cond" else _restrict(b, ~switched) for b in self.base.branches(preds, step)]
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
         """The base rule where a sample is still guided, its conditional prediction where it switched (the loop

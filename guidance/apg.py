@@ -114,7 +114,7 @@ class APG(Guidance):
             return self.norm_threshold
         return size_scaled(SDXL_NORM_THRESHOLD, sample[0].numel(), SDXL_LATENT_ELEMENTS)
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         return [Branch("cond")] if self.guidance_scale == 1.0 else [Branch("uncond"), Branch("cond")]
 
     def _accumulate(self, diff: torch.Tensor, step: Step) -> torch.Tensor:

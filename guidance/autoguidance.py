@@ -97,7 +97,7 @@ class AutoGuidance(Guidance):
         del out["model"]
         return out
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         if self.guidance_scale == 1.0:
             return [Branch("cond")]
         return [Branch("cond"), guiding_branch()]

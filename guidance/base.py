@@ -163,7 +163,7 @@ class Guidance:
         """Return the initial noise to sample from (unit variance in, unit variance out)."""
         return noise
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         """Branches to evaluate next, given the predictions already made at this evaluation.
 
         The loop calls this until it returns no branch that is missing from ``preds``, so a rule may ask in two phases

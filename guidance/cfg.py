@@ -56,7 +56,7 @@ class CFG(Guidance):
         self.guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
         self.guidance_rescale = check_number("guidance_rescale", guidance_rescale, low=0.0, high=1.0)
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         if self.guidance_scale == 1.0:
             return [Branch("cond")]
         return [Branch("uncond"), Branch("cond")]

@@ -61,8 +61,8 @@ class ComposedGuidance(Guidance):
             noise = module.prepare_noise(noise, context)
         return noise
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
-        return self._combiner.branches(step, preds)
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
+        return self._combiner.branches(preds, step)
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
         return self._combiner.combine(preds, step)

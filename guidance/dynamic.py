@@ -129,7 +129,7 @@ class DynamicCFG(Guidance):
             return torch.empty((0, 0), dtype=torch.float64)
         return torch.stack([record["scale"] for record in self.history])
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         return [Branch("cond")] if self.scales == (1.0,) else [Branch("uncond"), Branch("cond")]
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:

@@ -296,7 +296,7 @@ class GFCG(Guidance):
         uses_cfg = "uncond" in self.required_branches
         return [Branch("uncond"), Branch("cond")] if uses_cfg else [Branch("cond")]
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         fixed = self._fixed_branches()
         if "ref" not in preds:
             if "cond" not in preds and self._reads_cond(step):

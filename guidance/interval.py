@@ -91,8 +91,8 @@ class GuidanceInterval(Guidance):
         """Whether the evaluation of ``step`` is guided."""
         return in_sigma_range(step.noise_level, self.sigma_range)
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
-        return self.base.branches(step, preds) if self.inside(step) else [Branch("cond")]
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
+        return self.base.branches(preds, step) if self.inside(step) else [Branch("cond")]
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
         if not self.inside(step):

@@ -124,11 +124,11 @@ class LinearAG(AdaptiveGuidance):
             return None
         return self._fitted.for_evaluation(step.evaluation)
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         self._check_run(step)
         if self._estimated(step) is not None:
             return [Branch("cond")]
-        return super().branches(step, preds)
+        return super().branches(preds, step)
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
         coefficients = self._estimated(step)

@@ -158,8 +158,8 @@ class _Recorder(Guidance):
         self.evaluations: list[dict[str, float]] = []
         self.evaluation_steps: list[int] = []
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
-        return self.base.branches(step, preds)
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
+        return self.base.branches(preds, step)
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
         if "uncond" not in preds:

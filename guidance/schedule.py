@@ -165,9 +165,9 @@ class ScaleSchedule(Guidance):
         self.scale_history.append((step.index, step.evaluation, scale))
         return scale
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         with scale_set_to(self.base, self.scale_at(step)):
-            return self.base.branches(step, preds)
+            return self.base.branches(preds, step)
 
     def combine(self, preds: Predictions, step: Step) -> torch.Tensor:
         with scale_set_to(self.base, self.scale_at(step)):

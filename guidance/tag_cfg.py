@@ -81,7 +81,7 @@ class TAGCFG(Guidance):
         self.adaptive = check_bool("adaptive", adaptive)
         self.delta = check_number("delta", delta, low=0.0, low_open=True)
 
-    def branches(self, step: Step, preds: Predictions) -> list[Branch]:
+    def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         if self.guidance_scale == 1.0 and self.eta == 0:
             return [Branch("cond")]
         return [Branch("uncond"), Branch("cond")]

@@ -264,7 +264,7 @@ class GuidedRun:
         trace = {} if trace is None else trace
         model_input = step.sample if model_input is None else model_input
         while True:
-            missing = [b for b in self._rule(self.guidance.branches, step, preds) if b.name not in preds]
+            missing = [b for b in self._rule(self.guidance.branches, preds, step) if b.name not in preds]
             if not missing:
                 break
             names = [b.name for b in missing]

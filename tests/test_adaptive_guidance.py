@@ -185,7 +185,7 @@ def test_x0_space_differs_from_epsilon_space_on_a_vp_schedule():
     in_output = AdaptiveGuidance(CFG(SCALE), threshold=0.95, space="output")
     for rule in (in_x0, in_output):
         rule.reset()
-        rule.branches(step, {})
+        rule.branches({}, step)
         rule.combine(preds, step)
     torch.testing.assert_close(in_x0.gamma_history[0], cos_x0, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(in_output.gamma_history[0], cos_eps, rtol=1e-10, atol=1e-12)

@@ -76,7 +76,7 @@ def test_scale_one_returns_the_conditional_prediction():
     x, cond, uncond = tensors(2, 4, 8, 8)
     for eta, r, beta in [(0.0, 0.0, 0.0), (0.5, 0.1, -0.5), (2.0, 5.0, -0.9)]:
         apg = APG(1.0, eta=eta, norm_threshold=r, momentum=beta)
-        assert [b.name for b in apg.branches(make_step(x), {})] == ["cond"]  # one NFE per step, as CFG at w=1
+        assert [b.name for b in apg.branches({}, make_step(x))] == ["cond"]  # one NFE per step, as CFG at w=1
         out = apg.combine({"cond": cond, "uncond": uncond}, make_step(x))
         torch.testing.assert_close(out, cond, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(apg_x0(cond, cond - uncond, 1.0, eta, r), cond, rtol=0, atol=0)
@@ -178,8 +178,8 @@ class Spy(Guidance):
     def reset(self) -> None:
         self.inner.reset()
 
-    def branches(self, step, preds):
-        return self.inner.branches(step, preds)
+    def branches(self, preds, step):
+        return self.inner.branches(preds, step)
 
     def combine(self, preds, step):
         out = self.inner.combine(preds, step)

@@ -179,7 +179,7 @@ class CFGIn(Guidance):
         self.scale = scale
         self.space = space
 
-    def branches(self, step, preds):
+    def branches(self, preds, step):
         return [Branch("uncond"), Branch("cond")]
 
     def combine(self, preds, step):

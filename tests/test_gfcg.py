@@ -203,8 +203,8 @@ def test_classifier_runs_without_autograd():
     gfcg = GFCG(net, scale_rule="ratio")
     cond = torch.randn(2, 1, 2, 2, requires_grad=True)
     step = make_step("epsilon", torch.randn(2, 1, 2, 2), target=torch.tensor([0, 2]), num_labels=3)
-    assert gfcg.branches(step, {}) == [Branch("cond")]
-    request = gfcg.branches(step, {"cond": cond})[-1]
+    assert gfcg.branches({}, step) == [Branch("cond")]
+    request = gfcg.branches({"cond": cond}, step)[-1]
     assert request.mask.all()  # both samples get a reference: the loop's full-batch prediction is all evaluated
     ref = torch.randn(2, 1, 2, 2)
     out = gfcg.combine({"cond": cond, "ref": ref}, step)
@@ -297,7 +297,7 @@ def test_same_step_in_every_prediction_space():
         out = lambda x0: from_x0(x0, x, alpha, sigma, prediction_type)  # noqa: E731
         gfcg = GFCG(Pixels(), scale_rule="ratio", w_max=3.0, cfg_scale=1.7)
         preds = {"cond": out(clean[target, torch.arange(batch)]), "uncond": out(clean[-1])}
-        ref = gfcg.branches(step, preds)[-1]
+        ref = gfcg.branches(preds, step)[-1]
         assert ref.mask.all()  # every sample has a reference here (the loop would fill the others with cond)
         preds["ref"] = out(clean[ref.labels, torch.arange(batch)])
         results[prediction_type] = to_x0(gfcg.combine(preds, step), x, alpha, sigma, prediction_type)

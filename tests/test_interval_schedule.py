@@ -50,7 +50,7 @@ class ReferenceInterval(Guidance):
     def __init__(self, scale: float, guided: set[int]) -> None:
         self.scale, self.guided = scale, guided
 
-    def branches(self, step, preds):
+    def branches(self, preds, step):
         return [Branch("uncond"), Branch("cond")] if step.evaluation in self.guided else [Branch("cond")]
 
     def combine(self, preds, step):
@@ -236,7 +236,7 @@ class ReferenceSchedule(Guidance):
     def __init__(self, table):
         self.table = table
 
-    def branches(self, step, preds):
+    def branches(self, preds, step):
         return [Branch("uncond"), Branch("cond")]
 
     def combine(self, preds, step):

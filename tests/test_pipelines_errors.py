@@ -18,7 +18,7 @@ class NeedsReference(Guidance):
 
     required_branches = frozenset({"cond", "ref"})
 
-    def branches(self, step, preds):
+    def branches(self, preds, step):
         return [Branch("cond"), Branch("ref", labels=step.target_labels)]
 
 

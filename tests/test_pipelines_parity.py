@@ -138,7 +138,7 @@ class ReferenceOnly(Guidance):
 
     required_branches = frozenset({"cond", "ref"})
 
-    def branches(self, step, preds):
+    def branches(self, preds, step):
         return [Branch("cond"), Branch("ref", labels=step.target_labels)]
 
     def combine(self, preds, step):

@@ -285,8 +285,8 @@ def test_tag_cfg_eta_zero_is_exactly_cfg():
                               latents=latents, guidance=rule, conditioning=mixture.conditioning(labels),
                               num_inference_steps=10).latents)
     assert torch.equal(finals[0], finals[1])
-    assert TAGCFG(1.0, eta=0.0).branches(None, {}) == CFG(1.0).branches(None, {})
-    assert {b.name for b in TAGCFG(1.0, eta=0.5).branches(None, {})} == {"cond", "uncond"}
+    assert TAGCFG(1.0, eta=0.0).branches({}, None) == CFG(1.0).branches({}, None)
+    assert {b.name for b in TAGCFG(1.0, eta=0.5).branches({}, None)} == {"cond", "uncond"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
