@@ -21,7 +21,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from guidance import APG, CFG, NLG, TAG, TAGCFG, Guidance, resolve_guidance
-from guidance.nlg import scaled_max_norm
+from guidance.nlg import scaled_norm_threshold
 from pipelines.class_conditional import GuidedClassConditionalPipeline
 from samples.digits.data import NUM_CLASSES, load_digits_split
 from samples.digits.nets import load_evaluator
@@ -31,15 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def methods(
-    scale: float, eta: float, eta_cfg: float, nlg_max_norm: float, nlg_taus: list[float]
+    scale: float, eta: float, eta_cfg: float, nlg_threshold: float, nlg_taus: list[float]
 ) -> dict[str, Callable[[], Guidance | list[Guidance]]]:
     """The compared rules; ``scale`` is diffusers' CFG scale w (APG's ``D_c + (w - 1) U`` is CFG at the same w).
 
     NLG runs once in the official configuration (absolute clip tau = 0.5, :meth:`NLG.official`) and otherwise at
-    its default (tau = 0.5 scaled to the image size), shown as ``nlg_max_norm``; ``nlg_taus`` add rows with other
+    its default (tau = 0.5 scaled to the image size), shown as ``nlg_threshold``; ``nlg_taus`` add rows with other
     absolute clips, and one row shows the default clip evaluated at the schedule's first timestep.
     """
-    tau = f"default tau={nlg_max_norm:.3g}"
+    tau = f"default tau={nlg_threshold:.3g}"
     return {
         "base (cond only)": lambda: CFG(1.0),
         f"TAG eta={eta:g}": lambda: [CFG(1.0), TAG(eta)],
@@ -49,7 +49,7 @@ def methods(
         "NLG official (tau=0.5 absolute)": lambda: [NLG.official(), CFG(1.0)],
         f"NLG {tau}": lambda: [NLG(), CFG(1.0)],
         f"NLG {tau}, timestep=first": lambda: [NLG(timestep="first"), CFG(1.0)],
-        **{f"NLG tau={t:g} (absolute)": (lambda t=t: [NLG(max_norm=t), CFG(1.0)]) for t in nlg_taus},
+        **{f"NLG tau={t:g} (absolute)": (lambda t=t: [NLG(norm_threshold=t), CFG(1.0)]) for t in nlg_taus},
         f"NLG {tau} + CFG w={scale:g}": lambda: [NLG(), CFG(scale)],
         f"NLG {tau} + APG w={scale:g} + TAG eta={eta:g}": lambda: [NLG(), APG(scale), TAG(eta)],
     }
@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         floor = frechet_distance(evaluator.features(data.train_images), test_features)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     config = pipe.unet.config
-    nlg_max_norm = scaled_max_norm(config.in_channels * config.sample_size**2)
+    nlg_threshold = scaled_norm_threshold(config.in_channels * config.sample_size**2)
 
     rows = []
-    for index, (name, build) in enumerate(methods(args.scale, args.eta, args.eta_cfg, nlg_max_norm, args.nlg_taus).items()):
+    for index, (name, build) in enumerate(methods(args.scale, args.eta, args.eta_cfg, nlg_threshold, args.nlg_taus).items()):
         if index > 0 and args.only and name not in args.only:
             continue
         rule = resolve_guidance(build())

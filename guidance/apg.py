@@ -77,7 +77,7 @@ class APG(Guidance):
             SDXL's r = 15 scaled to the sample size, ``15 * sqrt(N / 65536)`` for N elements per sample: 15 for SDXL
             (4x128x128), 7.5 for SD 1.5 at 512 px (4x64x64), 0.47 for the 8x8 digits model. It grows like sqrt(N)
             because the norm sums over all elements (:func:`guidance.spaces.size_scaled`, the convention NLG's
-            default ``max_norm`` follows). Tuned on: SDXL (the paper's Table 10); an explicit value is absolute.
+            default ``norm_threshold`` follows). Tuned on: SDXL (the paper's Table 10); an explicit value is absolute.
         momentum: beta in (-1, 1) of the reverse momentum (paper: -0.5); 0 turns it off.
         momentum_per: ``"evaluation"`` advances the buffer at every model evaluation (paper-literal; a Heun step
             advances it twice) or ``"step"`` once per completed step [reconstruction: the paper does not discuss

@@ -5,7 +5,7 @@ each with one batched ``[uncond, cond]`` evaluation at the schedule's highest no
 official code does):
 
     d  = eps_c(n) - eps_u(n)                       ~ -sigma_T grad log p(y | n): ascent on log p(y | n)
-    d  = d * min(1, tau / ||d||)                   per-sample clip (``max_norm`` = tau, eps units)
+    d  = d * min(1, tau / ||d||)                   per-sample clip (``norm_threshold`` = tau, eps units)
     n  = n - step_size * d + noise_std * z         z ~ N(0, I), a fresh draw every iteration
     n  = n * sqrt(D) / ||n||                       back to the Gaussian shell, per sample (D = elements per sample)
 
@@ -13,7 +13,7 @@ Sampling then runs unchanged with whatever combine rule is configured (the paper
 per iteration and sample, counted by the loop.
 
 The official clip tau = 0.5 is an absolute norm, while ``||d||`` grows like sqrt(D); the default therefore scales it
-to the sample size, ``0.5 * sqrt(D / 16384)`` (:func:`scaled_max_norm`, the convention of APG's default norm
+to the sample size, ``0.5 * sqrt(D / 16384)`` (:func:`scaled_norm_threshold`, the convention of APG's default norm
 threshold); :meth:`NLG.official` gives the literal official configuration.
 
 The direction from other prediction types, at the same input x (spaces.md §2): v-prediction
@@ -21,12 +21,14 @@ The direction from other prediction types, at the same input x (spaces.md §2): 
 ``-(alpha / sigma) (x0_c - x0_u)``. Flow matching (``x = (1 - s) x0 + s eps``, velocity ``u = eps - x0``): the eps
 difference ``(1 - s)(u_c - u_u)`` vanishes at ``s = 1``, where flow schedules start, so the direction is the velocity
 difference ``u_c - u_u = -(x0_c - x0_u) / s``, i.e. the eps difference divided by ``alpha = 1 - s`` (the same sign,
-finite at ``s = 1``); ``max_norm`` is then in velocity units [reconstruction: the official code covers VP models only].
+finite at ``s = 1``); ``norm_threshold`` is then in velocity units [reconstruction: the official code covers VP models only].
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 
@@ -45,10 +47,10 @@ REFERENCE_ELEMENTS = 4 * 64 * 64
 TIMESTEPS = ("max", "first")
 
 
-def scaled_max_norm(elements: int) -> float:
+def scaled_norm_threshold(elements: int) -> float:
     """The default clip ``0.5 * sqrt(elements / 16384)`` for ``elements`` per sample (:func:`size_scaled`).
 
-    ``max_norm`` is an absolute norm while the noise has norm sqrt(D), so the official 0.5 moves SD 1.5's noise by at
+    ``norm_threshold`` is an absolute norm while the noise has norm sqrt(D), so the official 0.5 moves SD 1.5's noise by at
     most 0.39 % of its norm per iteration but an 8x8 image's (D = 64) by 6 %. This keeps the relative step
     (0.03125 for the 8x8 digits, 0.75 for SD2.1's 4x96x96, 1.0 for SDXL's 4x128x128) [not in the paper: a transfer
     rule for other sizes].
@@ -73,15 +75,15 @@ def refine_step(
     noise: torch.Tensor,
     direction: torch.Tensor,
     step_size: float,
-    max_norm: float | None,
+    norm_threshold: float | None,
     perturbation: torch.Tensor | None,
     clamp: float | None = None,
     renormalize: bool = True,
 ) -> torch.Tensor:
-    """One NLG iteration: clip ``direction`` to ``max_norm`` per sample (``None``: no clip), step against it, add ``perturbation``,
+    """One NLG iteration: clip ``direction`` to ``norm_threshold`` per sample (``None``: no clip), step against it, add ``perturbation``,
     optionally clamp to ``[-clamp, clamp]`` (the official "boundary control") and rescale each sample to norm sqrt(D)."""
-    if max_norm is not None:
-        direction = clip_norm(direction, max_norm)
+    if norm_threshold is not None:
+        direction = clip_norm(direction, norm_threshold)
     refined = noise - step_size * direction
     if perturbation is not None:
         refined = refined + perturbation
@@ -100,11 +102,11 @@ class NLG(Guidance):
     Args:
         steps: refinement iterations K >= 0 (0: off, the noise is returned untouched).
         step_size: > 0, multiplies the clipped direction (official 1.0).
-        max_norm: per-sample clip tau >= 0 of the direction, in eps units, absolute; 0 turns the clip off. ``None``
+        norm_threshold: per-sample clip tau >= 0 of the direction, in eps units, absolute; 0 turns the clip off. ``None``
             (default) scales the official tau = 0.5 to the sample size, ``0.5 * sqrt(D / 16384)`` for D elements per
-            sample (:func:`scaled_max_norm`; tuned on: SD 1.5 at 512 px, 4x64x64): 0.5 for SD 1.5, 0.75 for SD2.1 at
-            768 px, 1.0 for SDXL, 0.03125 for the 8x8 digits model. Same convention as APG's default
-            ``norm_threshold``.
+            sample (:func:`scaled_norm_threshold`; tuned on: SD 1.5 at 512 px, 4x64x64): 0.5 for SD 1.5, 0.75 for SD2.1 at
+            768 px, 1.0 for SDXL, 0.03125 for the 8x8 digits model. The same name and convention as APG's clip
+            (``max_norm=`` is accepted as a deprecated alias).
         noise_std: standard deviation >= 0 of the fresh Gaussian perturbation per iteration (0: none). The paper's
             code calls it a *variance*, lambda = 0.001, so the default is sqrt(0.001) ~ 0.0316.
         renormalize: rescale each sample to norm sqrt(D) after every iteration (official: on; a zero vector stays
@@ -132,16 +134,27 @@ class NLG(Guidance):
         self,
         steps: int = 20,
         step_size: float = 1.0,
-        max_norm: float | None = None,
+        norm_threshold: float | None = None,
         noise_std: float = DEFAULT_NOISE_STD,
         renormalize: bool = True,
         clamp: float | None = None,
         frozen_noise: bool = False,
         timestep: str = "max",
+        **deprecated: Any,
     ) -> None:
+        name = "norm_threshold"
+        if deprecated:
+            unknown = sorted(set(deprecated) - {"max_norm"})
+            if unknown:
+                raise TypeError(f"NLG() got unexpected keyword argument(s) {unknown}")
+            if norm_threshold is not None:
+                raise ValueError("pass norm_threshold= or its deprecated alias max_norm=, not both")
+            warnings.warn("NLG(max_norm=) is deprecated: the clip is norm_threshold=, as in APG", FutureWarning,
+                          stacklevel=2)
+            name, norm_threshold = "max_norm", deprecated["max_norm"]
         self.steps = check_int("steps", steps, low=0)
         self.step_size = check_number("step_size", step_size, low=0.0, low_open=True)
-        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
+        self.norm_threshold = None if norm_threshold is None else check_number(name, norm_threshold, low=0.0)
         self.noise_std = check_number("noise_std", noise_std, low=0.0)
         self.renormalize = check_bool("renormalize", renormalize)
         self.clamp = None if clamp is None else check_number("clamp", clamp, low=0.0, low_open=True)
@@ -152,14 +165,14 @@ class NLG(Guidance):
     def official(cls) -> NLG:
         """The official code's configuration, literally (nlg.md §4): K = 20, step 1, the absolute clip tau = 0.5,
         noise variance 0.001 drawn fresh each iteration, renormalisation on, no clamp, t = 999."""
-        return cls(steps=20, step_size=1.0, max_norm=REFERENCE_MAX_NORM, noise_std=DEFAULT_NOISE_STD,
+        return cls(steps=20, step_size=1.0, norm_threshold=REFERENCE_MAX_NORM, noise_std=DEFAULT_NOISE_STD,
                    renormalize=True, clamp=None, frozen_noise=False, timestep="max")
 
-    def max_norm_for(self, noise: torch.Tensor) -> float | None:
-        """The clip tau for samples shaped like ``noise`` (see ``max_norm``); ``None`` when the clip is off."""
-        if self.max_norm is None:
-            return scaled_max_norm(noise[0].numel())
-        return self.max_norm if self.max_norm > 0 else None
+    def threshold_for(self, noise: torch.Tensor) -> float | None:
+        """The clip tau for samples shaped like ``noise`` (see ``norm_threshold``); ``None`` when the clip is off."""
+        if self.norm_threshold is None:
+            return scaled_norm_threshold(noise[0].numel())
+        return self.norm_threshold if self.norm_threshold > 0 else None
 
     def uses(self, hook: str) -> bool:
         if hook == "prepare_noise":
@@ -170,7 +183,7 @@ class NLG(Guidance):
         if self.steps == 0:
             return noise
         refined = noise.to(compute_dtype(noise.dtype))
-        max_norm = self.max_norm_for(refined)
+        threshold = self.threshold_for(refined)
         timestep = self._timestep(context, refined)
         for iteration in range(self.steps):
             step = context.step_for(refined, timestep=timestep)
@@ -181,7 +194,7 @@ class NLG(Guidance):
                 salt = 0 if self.frozen_noise else iteration
                 perturbation = self.noise_std * context.randn_like(refined, salt=salt)
             refined = refine_step(
-                refined, direction, self.step_size, max_norm, perturbation, self.clamp, self.renormalize
+                refined, direction, self.step_size, threshold, perturbation, self.clamp, self.renormalize
             )
         return refined.to(noise.dtype)
 

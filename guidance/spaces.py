@@ -104,7 +104,7 @@ def size_scaled(value: float, elements: int, reference_elements: int) -> float:
 
     Per-sample L2 norms of noise-like tensors grow like sqrt(D) for D elements, so an absolute norm threshold tuned on
     one latent size is too strong on smaller samples and too weak on larger ones; scaling by sqrt(D / D_ref) keeps
-    its size relative to the signal (APG's default ``norm_threshold``, NLG's default ``max_norm``).
+    its size relative to the signal (APG's default ``norm_threshold``, NLG's default ``norm_threshold``).
     """
     return value * math.sqrt(elements / reference_elements)
 

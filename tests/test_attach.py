@@ -259,7 +259,7 @@ def test_tag_through_attach(sd):
 
 def test_nlg_through_attach_counts_its_refinement(sd):
     pipe = build(StableDiffusionPipeline, sd)
-    with attach(pipe, [NLG(steps=2, max_norm=1.0), CFG(3.0)]) as handle, RowCounter(pipe.unet) as counter:
+    with attach(pipe, [NLG(steps=2, norm_threshold=1.0), CFG(3.0)]) as handle, RowCounter(pipe.unet) as counter:
         refined = run(pipe, prompt=["a cat", "a dog"], output_type="latent")
     assert handle.last_run.nfe == 2 * STEPS + 2 * 2 == sum(counter.rows) / 2
     assert [entry["step"] for entry in handle.last_run.trace] == [-1, -1, 0, 1, 2]

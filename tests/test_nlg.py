@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from guidance import CFG, NLG, Guidance, from_config, get_guidance, resolve_guidance
 from guidance.base import Step
-from guidance.nlg import DEFAULT_NOISE_STD, noise_level_direction, refine_step, scaled_max_norm
+from guidance.nlg import DEFAULT_NOISE_STD, noise_level_direction, refine_step, scaled_norm_threshold
 from pipelines.conditioning import BranchConditioning
 from pipelines.loop import denoise
 from pipelines.run import derive_generator
@@ -169,9 +169,9 @@ def test_v_prediction_model_refines_like_its_eps_twin():
 
     latents, labels = torch.randn(2, *SHAPE, dtype=torch.float64), torch.tensor([0, 5])
     kwargs = dict(labels=labels, generator=torch.Generator().manual_seed(0))
-    from_eps, _ = refine(NLG(steps=3, max_norm=0.0), latents, model=eps_model, **kwargs)
+    from_eps, _ = refine(NLG(steps=3, norm_threshold=0.0), latents, model=eps_model, **kwargs)
     v_scheduler = DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear", prediction_type="v_prediction")
-    from_v, _ = refine(NLG(steps=3, max_norm=0.0), latents, model=v_model, scheduler=v_scheduler, **kwargs)
+    from_v, _ = refine(NLG(steps=3, norm_threshold=0.0), latents, model=v_model, scheduler=v_scheduler, **kwargs)
     torch.testing.assert_close(from_v, from_eps, rtol=1e-10, atol=1e-10)
 
 
@@ -185,7 +185,7 @@ def test_flow_direction_is_the_velocity_difference_and_non_zero_at_s_1():
 
     model, latents, labels = FakeDenoiser(SHAPE), torch.randn(2, *SHAPE, dtype=torch.float64), torch.tensor([3, 7])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    refined, _ = refine(NLG(steps=1, max_norm=0.5, noise_std=0.0, renormalize=False), latents, model=model,
+    refined, _ = refine(NLG(steps=1, norm_threshold=0.5, noise_std=0.0, renormalize=False), latents, model=model,
                         labels=labels, scheduler=scheduler)
     assert float(scheduler.sigmas[0]) == 1.0
     t0 = scheduler.timesteps[0]
@@ -264,7 +264,7 @@ def test_nlg_raises_bayes_accuracy_on_the_gaussian_mixture(timestep):
 
 
 def test_registry_config_round_trip():
-    for module in (NLG(), NLG(steps=5, max_norm=0.0, noise_std=0.0, clamp=3.0, frozen_noise=True, timestep="first")):
+    for module in (NLG(), NLG(steps=5, norm_threshold=0.0, noise_std=0.0, clamp=3.0, frozen_noise=True, timestep="first")):
         rebuilt = from_config(json.dumps(module.config()))
         assert isinstance(rebuilt, NLG) and rebuilt.config() == module.config()
     assert isinstance(get_guidance("nlg"), NLG)
@@ -305,20 +305,20 @@ def test_pipeline_nfe_and_refusal_without_an_unconditional_branch():
 
 
 def test_default_clip_is_the_official_tau_at_sd15_size_and_scales_as_sqrt_d():
-    assert NLG().max_norm is None
-    assert NLG().max_norm_for(torch.zeros(2, 4, 64, 64)) == 0.5  # SD 1.5 at 512 px: the official value
+    assert NLG().norm_threshold is None
+    assert NLG().threshold_for(torch.zeros(2, 4, 64, 64)) == 0.5  # SD 1.5 at 512 px: the official value
     for shape in ((1, 8, 8), (4, 96, 96), (4, 128, 128), (16, 32, 32)):
         elements = math.prod(shape)
-        assert NLG().max_norm_for(torch.zeros(1, *shape)) == pytest.approx(0.5 * math.sqrt(elements / 16384))
-    assert NLG().max_norm_for(torch.zeros(3, 1, 8, 8)) == pytest.approx(0.5 / 16)
-    assert NLG(max_norm=0.5).max_norm_for(torch.zeros(1, 1, 8, 8)) == 0.5  # an explicit value stays absolute
-    assert NLG(max_norm=0.0).max_norm_for(torch.zeros(1, 1, 8, 8)) is None  # 0: no clip
-    assert scaled_max_norm(16384) == 0.5 and scaled_max_norm(4 * 128 * 128) == pytest.approx(1.0)
+        assert NLG().threshold_for(torch.zeros(1, *shape)) == pytest.approx(0.5 * math.sqrt(elements / 16384))
+    assert NLG().threshold_for(torch.zeros(3, 1, 8, 8)) == pytest.approx(0.5 / 16)
+    assert NLG(norm_threshold=0.5).threshold_for(torch.zeros(1, 1, 8, 8)) == 0.5  # an explicit value stays absolute
+    assert NLG(norm_threshold=0.0).threshold_for(torch.zeros(1, 1, 8, 8)) is None  # 0: no clip
+    assert scaled_norm_threshold(16384) == 0.5 and scaled_norm_threshold(4 * 128 * 128) == pytest.approx(1.0)
 
 
 def test_official_configuration_is_the_literal_official_values():
     official = NLG.official().config()
-    assert official == {"name": "nlg", "steps": 20, "step_size": 1.0, "max_norm": 0.5, "noise_std": math.sqrt(0.001),
+    assert official == {"name": "nlg", "steps": 20, "step_size": 1.0, "norm_threshold": 0.5, "noise_std": math.sqrt(0.001),
                         "renormalize": True, "clamp": None, "frozen_noise": False, "timestep": "max"}
     assert from_config(json.dumps(official)).config() == official
 
@@ -373,3 +373,14 @@ def test_refined_noise_at_t999_equals_the_official_refinement_on_the_digits_mode
         refined[timestep] = spy.noise
     assert float((refined["max"] - expected).abs().max()) < 1e-5
     assert float((refined["first"] - expected).abs().max()) > 1e-3  # timesteps[0] = 957 is not what the code does
+
+
+def test_max_norm_is_a_deprecated_alias_of_norm_threshold():
+    """One word for the clip across rules (APG's ``norm_threshold``); the old keyword still works, with a warning."""
+    with pytest.warns(FutureWarning, match="norm_threshold"):
+        old = NLG(max_norm=0.25)
+    assert old == NLG(norm_threshold=0.25) and old.config()["norm_threshold"] == 0.25 and "max_norm" not in old.config()
+    with pytest.raises(ValueError, match="not both"):
+        NLG(norm_threshold=0.25, max_norm=0.25)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        NLG(max_nrom=0.25)
