@@ -127,7 +127,7 @@ class DynamicCFG(Guidance):
         """Chosen scale per evaluation and sample, float64 ``[evaluations, batch]``."""
         if not self.history:
             return torch.empty((0, 0), dtype=torch.float64)
-        return torch.stack([record["scale"] for record in self.history])
+        return torch.stack([record["scale"] for record in self.history]).cpu()
 
     def branches(self, preds: Predictions, step: Step) -> list[Branch]:
         return [Branch("cond")] if self.scales == (1.0,) else [Branch("uncond"), Branch("cond")]
@@ -145,9 +145,9 @@ class DynamicCFG(Guidance):
         return candidates[choice, torch.arange(cond.shape[0], device=cond.device)]
 
     def _record(self, step: Step, choice: torch.Tensor, scores: torch.Tensor) -> None:
-        choice = choice.cpu()
+        """One history entry, kept on the samples' device (no host synchronisation per evaluation)."""
+        scales = torch.tensor(self.scales, dtype=torch.float64, device=choice.device)
         self.history.append({
             "step": step.index, "evaluation": step.evaluation, "noise_level": step.noise_level,
-            "choice": choice, "scale": torch.tensor(self.scales, dtype=torch.float64)[choice],
-            "scores": scores.detach().double().cpu(),
+            "choice": choice, "scale": scales[choice], "scores": scores.detach().double(),
         })

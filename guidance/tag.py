@@ -46,6 +46,8 @@ def tangential_amplify(
     return (start + eta_r * radial + eta * (increment - radial)).to(after.dtype)
 
 
+#: the top of the 0-1000 timestep scale (flow models: ``t = 1000 s``)
+MAX_TIMESTEP = 1000.0
 #: per-family eta of the paper's unconditional runs (Table 16; 50 steps, whole schedule, eta_r = 1)
 FAMILY_ETA: dict[str, float] = {"sd1.5": 1.15, "sd2.1": 1.15, "sdxl": 1.20, "sd3": 1.05}
 
@@ -85,9 +87,13 @@ class TAG(Guidance):
         return t_end <= float(timestep) <= t_start
 
     def after_step(self, before: torch.Tensor, after: torch.Tensor, step: Step) -> torch.Tensor:
-        if not self.active(step.timestep):
-            return after
-        return tangential_amplify(before, after, self.eta)
+        amplified = tangential_amplify(before, after, self.eta)
+        t_start, t_end = self.window
+        if t_start >= MAX_TIMESTEP and t_end <= 0:
+            return amplified  # the whole schedule
+        # decided on the timestep's own device: no host synchronisation per step
+        t = torch.as_tensor(step.timestep, device=after.device)
+        return torch.where((t_end <= t) & (t <= t_start), amplified, after)
 
 
 def check_window(window: object) -> tuple[float, float]:

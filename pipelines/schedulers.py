@@ -58,30 +58,30 @@ class SchedulerAdapter:
         self.family = scheduler_family(scheduler)
         self.num_evaluations = num_evaluations
         self.prediction_type = prediction_type_of(scheduler)
-        # host copies of the tables, read once per generation: no device synchronisation per evaluation
-        sigmas = getattr(scheduler, "sigmas", None)
-        self._sigmas = None if sigmas is None else torch.as_tensor(sigmas).detach().cpu()
-        timesteps = getattr(scheduler, "timesteps", None)
-        self._timesteps = None if timesteps is None else torch.as_tensor(timesteps).detach().cpu()
+        # the tables as Python numbers, read from the scheduler once per generation: every evaluation's coefficients
+        # then come without a device synchronisation (or any tensor operation)
+        self._sigmas = _host_list(getattr(scheduler, "sigmas", None))
+        self._timesteps = _host_list(getattr(scheduler, "timesteps", None))
+        self._alphas_cumprod = _host_list(getattr(scheduler, "alphas_cumprod", None))
 
     def _sigma(self, index: int) -> float:
-        return float(self._sigmas[index])  # type: ignore[index]
+        return self._sigmas[index]  # type: ignore[index]
 
     def alpha_sigma(self, index: int, timestep: torch.Tensor) -> tuple[float, float]:
-        """Coefficients of the model input at evaluation ``index`` (timestep ``timestep``)."""
+        """Coefficients of the model input at evaluation ``index`` (``timestep``, the scheduler's ``timesteps[index]``,
+        is read from the host copy of the table)."""
         if self.family == "flow":
             s = self._sigma(index)
             return 1.0 - s, s
         if self.family == "multistep":
-            alpha, sigma = self.scheduler._sigma_to_alpha_sigma_t(self._sigmas[index])  # type: ignore[attr-defined]
+            alpha, sigma = self.scheduler._sigma_to_alpha_sigma_t(self._sigma(index))  # type: ignore[attr-defined]
             return float(alpha), float(sigma)
         if self.family == "ve":
             s = self._sigma(index)
             alpha = 1.0 / math.sqrt(s * s + 1.0)
             return alpha, s * alpha
-        if timestep.device.type != "cpu" and self._timesteps is not None and 0 <= index < len(self._timesteps):
-            timestep = self._timesteps[index]  # the same value, read from the host copy
-        abar = float(self.scheduler.alphas_cumprod[int(timestep)])  # type: ignore[attr-defined]
+        t = self._timesteps[index] if self._timesteps is not None and 0 <= index < len(self._timesteps) else timestep
+        abar = self._alphas_cumprod[int(t)]  # type: ignore[index]
         return math.sqrt(abar), math.sqrt(1.0 - abar)
 
     def input_scale(self, index: int) -> float:
@@ -102,3 +102,10 @@ class SchedulerAdapter:
         Euler stage, so the last evaluation always completes one.
         """
         return self.is_first_stage() or index == self.num_evaluations - 1
+
+
+def _host_list(table: object) -> list[float] | None:
+    """A scheduler table (tensor or array) as a list of Python numbers (one read per generation)."""
+    if table is None:
+        return None
+    return torch.as_tensor(table).detach().double().cpu().tolist()
