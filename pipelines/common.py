@@ -138,6 +138,33 @@ class GuidedTextToImageMixin(GuidancePipelineMixin):
         """The label set's keyword tensors, one row per prompt, overlaid on the ``cond`` rows of labelled branches."""
         raise NotImplementedError
 
+    def __call__(
+        self,
+        *args: Any,
+        guidance: Any = None,
+        label_prompts: Sequence[str] | None = None,
+        target_labels: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> GuidedPipelineOutput | tuple[Any, ...]:
+        """The parent pipeline's ``__call__`` (every argument of it), guided by ``guidance``.
+
+        Args:
+            guidance: a :class:`guidance.Guidance`, a guidance string (a registered name, ``a+b`` compositions,
+                ``name@key=value`` terms: built with ``guidance_scale`` where a constructor takes one), a config dict
+                / JSON, or a list composed in order; ``None`` is CFG at ``guidance_scale`` (default
+                :attr:`default_guidance_scale`: 7.5 for SD, 5.0 for SDXL, 7.0 for SD3) with ``guidance_rescale``. A
+                configured module carries its own scale.
+            label_prompts: the prompts of a label set for labelled reference branches (GFCG's ``ref``), encoded
+                once per call; with ``target_labels``: the label index of each prompt.
+            check_finite: (keyword) raise ``FloatingPointError`` when the network returns NaN / inf (default
+                ``True``; read back every 10 evaluations, so no host synchronisation per step).
+
+        Returns a :class:`~pipelines.common.GuidedPipelineOutput`: ``images``, ``nsfw_content_detected`` (SD) and
+        the cost (``nfe`` per image, ``nfe_per_sample``, ``model_calls``, ``trace``); with ``return_dict=False`` the
+        parent's tuple.
+        """
+        return self._guided_call(super().__call__, args, kwargs, guidance, label_prompts, target_labels)
+
     def _lora_scale(self, arguments: Mapping[str, Any]) -> float | None:
         attention = arguments.get("cross_attention_kwargs") or arguments.get("joint_attention_kwargs") or {}
         return attention.get("scale")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from diffusers import StableDiffusionPipeline
 
-from pipelines.common import GuidedPipelineOutput, GuidedTextToImageMixin
+from pipelines.common import GuidedTextToImageMixin
 
 
 class GuidedStableDiffusionPipeline(GuidedTextToImageMixin, StableDiffusionPipeline):
@@ -26,29 +26,4 @@ class GuidedStableDiffusionPipeline(GuidedTextToImageMixin, StableDiffusionPipel
             clip_skip=arguments.get("clip_skip"),
         )
         return {"encoder_hidden_states": embeds}
-
-    def __call__(
-        self,
-        *args: Any,
-        guidance: Any = None,
-        label_prompts: Sequence[str] | None = None,
-        target_labels: Sequence[int] | None = None,
-        **kwargs: Any,
-    ) -> GuidedPipelineOutput | tuple[Any, ...]:
-        """The parent's ``__call__`` (every argument of ``StableDiffusionPipeline.__call__``), guided by ``guidance``.
-
-        Args:
-            guidance: a :class:`guidance.Guidance`, a registered name (built with ``guidance_scale`` when it takes
-                one), a config dict / JSON, or a list composed in order; ``None`` is CFG at ``guidance_scale``
-                (default 7.5) with ``guidance_rescale``. A configured module carries its own scale.
-            label_prompts: the prompts of a label set for labelled reference branches (GFCG's ``ref``), encoded
-                once per call; with ``target_labels``: the label index of each prompt.
-            check_finite: (keyword) raise ``FloatingPointError`` when the network returns NaN / inf (default
-                ``True``; read back every 10 evaluations, so no host synchronisation per step).
-
-        Returns a :class:`~pipelines.common.GuidedPipelineOutput`: ``images``, ``nsfw_content_detected`` and the cost
-        (``nfe`` per image, ``nfe_per_sample``, ``model_calls``, ``trace``); with ``return_dict=False`` the
-        parent's tuple.
-        """
-        return self._guided_call(super().__call__, args, kwargs, guidance, label_prompts, target_labels)
 

@@ -3,12 +3,12 @@ call."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from diffusers import StableDiffusion3Pipeline
 
-from pipelines.common import GuidedPipelineOutput, GuidedTextToImageMixin
+from pipelines.common import GuidedTextToImageMixin
 
 
 class GuidedStableDiffusion3Pipeline(GuidedTextToImageMixin, StableDiffusion3Pipeline):
@@ -30,20 +30,3 @@ class GuidedStableDiffusion3Pipeline(GuidedTextToImageMixin, StableDiffusion3Pip
             max_sequence_length=arguments.get("max_sequence_length", 256), lora_scale=self._lora_scale(arguments),
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-    def __call__(
-        self,
-        *args: Any,
-        guidance: Any = None,
-        label_prompts: Sequence[str] | None = None,
-        target_labels: Sequence[int] | None = None,
-        **kwargs: Any,
-    ) -> GuidedPipelineOutput | tuple[Any, ...]:
-        """The parent's ``__call__`` (every argument of ``StableDiffusion3Pipeline.__call__``), guided.
-
-        ``guidance``, ``label_prompts`` and ``target_labels`` as in
-        :meth:`pipelines.GuidedStableDiffusionPipeline.__call__` (``guidance=None``: CFG at ``guidance_scale``,
-        default 7.0). Returns a :class:`~pipelines.common.GuidedPipelineOutput` (``return_dict=False``: the parent's
-        tuple).
-        """
-        return self._guided_call(super().__call__, args, kwargs, guidance, label_prompts, target_labels)

@@ -3,12 +3,12 @@ call."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from diffusers import StableDiffusionXLPipeline
 
-from pipelines.common import GuidedPipelineOutput, GuidedTextToImageMixin
+from pipelines.common import GuidedTextToImageMixin
 
 
 class GuidedStableDiffusionXLPipeline(GuidedTextToImageMixin, StableDiffusionXLPipeline):
@@ -31,20 +31,3 @@ class GuidedStableDiffusionXLPipeline(GuidedTextToImageMixin, StableDiffusionXLP
             lora_scale=self._lora_scale(arguments), clip_skip=arguments.get("clip_skip"),
         )
         return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled}}
-
-    def __call__(
-        self,
-        *args: Any,
-        guidance: Any = None,
-        label_prompts: Sequence[str] | None = None,
-        target_labels: Sequence[int] | None = None,
-        **kwargs: Any,
-    ) -> GuidedPipelineOutput | tuple[Any, ...]:
-        """The parent's ``__call__`` (every argument of ``StableDiffusionXLPipeline.__call__``), guided.
-
-        ``guidance``, ``label_prompts`` and ``target_labels`` as in
-        :meth:`pipelines.GuidedStableDiffusionPipeline.__call__` (``guidance=None``: CFG at ``guidance_scale``,
-        default 5.0). Returns a :class:`~pipelines.common.GuidedPipelineOutput` (``return_dict=False``: the parent's
-        tuple).
-        """
-        return self._guided_call(super().__call__, args, kwargs, guidance, label_prompts, target_labels)
