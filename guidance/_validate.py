@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from numbers import Real
+from typing import Any
 
 
 def check_number(
@@ -57,3 +60,27 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
+
+
+def renamed_arguments(
+    owner: type, deprecated: dict[str, Any], renames: dict[str, str], **given: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Fold keywords passed under an old name (``deprecated``, a constructor's ``**kwargs``) into their new names.
+
+    ``renames`` maps old -> new names; ``given`` holds the new names' values as passed. Returns the values by new name
+    and, for the error messages of the range checks, the name each value was passed under. Each old name warns with a
+    ``FutureWarning``; an unknown keyword is a ``TypeError`` (as Python's own), an old name next to its new one (passed
+    with a value other than its default) a ``ValueError``.
+    """
+    unknown = sorted(set(deprecated) - set(renames))
+    if unknown:
+        raise TypeError(f"{owner.__name__}() got unexpected keyword argument(s) {unknown}")
+    defaults = inspect.signature(owner.__init__).parameters
+    values, names = dict(given), {name: name for name in given}
+    for old, value in deprecated.items():
+        new = renames[old]
+        if values[new] != defaults[new].default:
+            raise ValueError(f"pass {new}= or its deprecated alias {old}=, not both")
+        warnings.warn(f"{owner.__name__}({old}=) is deprecated: it is {new}= now", FutureWarning, stacklevel=3)
+        values[new], names[new] = value, old
+    return values, names

@@ -27,12 +27,11 @@ finite at ``s = 1``); ``norm_threshold`` is then in velocity units [reconstructi
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 
-from guidance._validate import check_bool, check_choice, check_int, check_number
+from guidance._validate import check_bool, check_choice, check_int, check_number, renamed_arguments
 from guidance.base import Branch, Guidance, NoiseContext, Step
 from guidance.registry import register
 from guidance.spaces import PREDICTION_TYPES, clip_norm, compute_dtype, per_sample_norm, size_scaled
@@ -142,19 +141,11 @@ class NLG(Guidance):
         timestep: str = "max",
         **deprecated: Any,
     ) -> None:
-        name = "norm_threshold"
-        if deprecated:
-            unknown = sorted(set(deprecated) - {"max_norm"})
-            if unknown:
-                raise TypeError(f"NLG() got unexpected keyword argument(s) {unknown}")
-            if norm_threshold is not None:
-                raise ValueError("pass norm_threshold= or its deprecated alias max_norm=, not both")
-            warnings.warn("NLG(max_norm=) is deprecated: the clip is norm_threshold=, as in APG", FutureWarning,
-                          stacklevel=2)
-            name, norm_threshold = "max_norm", deprecated["max_norm"]
+        values, names = renamed_arguments(NLG, deprecated, {"max_norm": "norm_threshold"}, norm_threshold=norm_threshold)
+        norm_threshold = values["norm_threshold"]
         self.steps = check_int("steps", steps, low=0)
         self.step_size = check_number("step_size", step_size, low=0.0, low_open=True)
-        self.norm_threshold = None if norm_threshold is None else check_number(name, norm_threshold, low=0.0)
+        self.norm_threshold = None if norm_threshold is None else check_number(names["norm_threshold"], norm_threshold, low=0.0)
         self.noise_std = check_number("noise_std", noise_std, low=0.0)
         self.renormalize = check_bool("renormalize", renormalize)
         self.clamp = None if clamp is None else check_number("clamp", clamp, low=0.0, low_open=True)
