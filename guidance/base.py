@@ -143,6 +143,9 @@ class Guidance:
     #: the smallest ``guidance_scale`` the rule accepts, for rules whose hooks read ``self.guidance_scale`` at call
     #: time, so that :class:`~guidance.schedule.ScaleSchedule` may set it per step; ``None``: no such scale
     scale_low: ClassVar[float | None] = None
+    #: old constructor argument name -> its new name, accepted with a ``FutureWarning`` (the constructor folds them in
+    #: with :func:`guidance._validate.renamed_arguments`; by-name builders such as ``from_config`` accept them too)
+    deprecated_arguments: ClassVar[Mapping[str, str]] = {}
 
     @property
     def networks(self) -> Mapping[str, Network]:

@@ -177,10 +177,13 @@ def supply(config: Any, inputs: Mapping[str, Any], names: Iterable[str] | None =
 
 
 def _build(name: str, arguments: dict[str, Any]) -> Guidance:
-    """The rule ``name`` built from ``arguments``; unknown or missing arguments are a ``ValueError`` naming them."""
+    """The rule ``name`` built from ``arguments``; unknown or missing arguments are a ``ValueError`` naming them.
+
+    Old names of renamed arguments (the class's ``deprecated_arguments``) go to the constructor, which warns.
+    """
     cls = guidance_class(name)
     params = constructor_parameters(cls)
-    unknown = sorted(set(arguments) - set(params))
+    unknown = sorted(set(arguments) - set(params) - set(cls.deprecated_arguments))
     if unknown:
         raise ValueError(
             f"guidance {name!r} takes no argument {', '.join(map(repr, unknown))}; it takes: {', '.join(params)}"

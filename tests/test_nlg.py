@@ -380,6 +380,8 @@ def test_max_norm_is_a_deprecated_alias_of_norm_threshold():
     with pytest.warns(FutureWarning, match="norm_threshold"):
         old = NLG(max_norm=0.25)
     assert old == NLG(norm_threshold=0.25) and old.config()["norm_threshold"] == 0.25 and "max_norm" not in old.config()
+    with pytest.warns(FutureWarning, match="norm_threshold"):  # an old config still builds
+        assert from_config({"name": "nlg", "max_norm": 0.25}) == NLG(norm_threshold=0.25)
     with pytest.raises(ValueError, match="not both"):
         NLG(norm_threshold=0.25, max_norm=0.25)
     with pytest.raises(TypeError, match="unexpected keyword"):
