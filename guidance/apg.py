@@ -7,29 +7,32 @@ dims:
     M_k   = Delta + beta * M_{k-1}                  reverse momentum: a plain running sum (beta < 0), M_{-1} = 0
     M~    = M_k * min(1, r / ||M_k||)               norm clip (r = 0: off); the buffer keeps the un-clipped M_k
     Dpar  = <M~, D_c> / <D_c, D_c> * D_c            projection onto D_c (inner products accumulated in float64)
-    U     = (M~ - Dpar) + eta * Dpar
+    U     = (M~ - Dpar) + parallel_scale * Dpar   the paper's eta (Algorithm 1) is ``parallel_scale``
     D^    = D_c + (w - 1) * U
 
 Everything after the momentum is one per-sample combination ``a * D_c + b * M`` (see :func:`apg_x0`), so only three
 inner products per sample are computed and the tensors are never copied to float64 as diffusers does; the result
-stays within ~1e-7 relative of the float64 listing. ``eta = 1, r = 0, beta = 0`` is exactly CFG. The rule runs on x0
-whatever the model predicts (epsilon, v, flow velocity), converted with the current evaluation's alpha, sigma and
-converted back afterwards.
+stays within ~1e-7 relative of the float64 listing. ``parallel_scale = 1, r = 0, beta = 0`` is exactly CFG. The rule
+runs on x0 whatever the model predicts (epsilon, v, flow velocity), converted with the current evaluation's alpha,
+sigma and converted back afterwards.
 
 Relation to diffusers' ``AdaptiveProjectedGuidance`` / ``normalized_guidance`` (same ``U``, other output and space):
 
 * diffusers runs on whatever the pipeline passes (the UNet's epsilon in its SDXL pipeline), not on x0;
 * ``use_original_formulation=True`` returns ``D_c + w * U``: our ``guidance_scale = w + 1``, exact in all cases;
 * the default returns ``D_u + w * U``: with no clip and no momentum this is our rule at the same ``w`` with
-  ``eta' = (w * eta - 1) / (w - 1)`` (so its ``eta = 0`` pushes *against* the parallel part); with the clip active it
-  has no equivalent here (it collapses to D_u under strong clipping). :meth:`APG.from_diffusers` does the mapping.
+  ``parallel_scale = (w * eta - 1) / (w - 1)`` from diffusers' ``eta`` (so its ``eta = 0`` pushes *against* the
+  parallel part); with the clip active it has no equivalent here (it collapses to D_u under strong clipping).
+  :meth:`APG.from_diffusers` does the mapping.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from guidance._validate import check_choice, check_number
+from guidance._validate import check_choice, check_number, renamed_arguments
 from guidance.base import Branch, Guidance, Predictions, Step
 from guidance.registry import register
 from guidance.spaces import clip_factor, compute_dtype, per_sample_dot, reduction_dtype, size_scaled
@@ -47,19 +50,21 @@ def parallel_coefficient(update: torch.Tensor, onto: torch.Tensor) -> torch.Tens
     return per_sample_dot(update, onto, dtype=dtype) / per_sample_dot(onto, onto, dtype=dtype).clamp_min(1e-24)
 
 
-def apg_x0(cond_x0: torch.Tensor, update: torch.Tensor, scale: float, eta: float, threshold: float) -> torch.Tensor:
+def apg_x0(
+    cond_x0: torch.Tensor, update: torch.Tensor, scale: float, parallel_scale: float, threshold: float
+) -> torch.Tensor:
     """``D_c + (w - 1) * U`` from the (momentum-accumulated) update M, Algorithm 1 steps 3-6.
 
-    With the clip factor ``f`` and ``k = <f M, D_c> / <D_c, D_c>``, ``U = f M - (1 - eta) k D_c``, so the output is
-    the per-sample combination ``(1 - (w - 1)(1 - eta) k) D_c + (w - 1) f M``: the three inner products are summed
-    in float64 (the listing's precision for the projection, which float32 sums miss by up to ~7e-7 when M is nearly
-    parallel to D_c), the element-wise work stays in float32. Inputs narrower than float32 are computed in float32;
-    the result has ``cond_x0``'s dtype.
+    With the clip factor ``f``, ``k = <f M, D_c> / <D_c, D_c>`` and ``p = parallel_scale`` (the paper's eta),
+    ``U = f M - (1 - p) k D_c``, so the output is the per-sample combination ``(1 - (w - 1)(1 - p) k) D_c +
+    (w - 1) f M``: the three inner products are summed in float64 (the listing's precision for the projection, which
+    float32 sums miss by up to ~7e-7 when M is nearly parallel to D_c), the element-wise work stays in float32.
+    Inputs narrower than float32 are computed in float32; the result has ``cond_x0``'s dtype.
     """
     dtype = compute_dtype(cond_x0.dtype)
     cond, update = cond_x0.to(dtype), update.to(dtype)
     factor = clip_factor(update, threshold)
-    cond_weight = 1 - ((scale - 1) * (1 - eta)) * factor * parallel_coefficient(update, cond)
+    cond_weight = 1 - ((scale - 1) * (1 - parallel_scale)) * factor * parallel_coefficient(update, cond)
     update_weight = (scale - 1) * factor
     guided = (cond * cond_weight.to(dtype)).addcmul_(update, update_weight.to(dtype))
     return guided.to(cond_x0.dtype)
@@ -71,8 +76,10 @@ class APG(Guidance):
 
     Args:
         guidance_scale: w >= 1 in the paper's form ``D_c + (w - 1) U`` (w = 1: no guidance).
-        eta: weight of the part of the update parallel to D_c (paper default 0; 1 keeps it, as CFG does; negative
-            values push against it, as diffusers' default formulation does).
+        parallel_scale: the factor on the part of the update parallel to D_c, ``U = M_perp + parallel_scale *
+            M_par`` (the paper's eta, Algorithm 1; default 0 drops it as the paper does, 1 keeps it: CFG's direction;
+            negative values push against it, as diffusers' default formulation does). ``eta=`` is accepted as a
+            deprecated alias.
         norm_threshold: r, an absolute L2 norm in x0 units per sample; 0 turns the clip off. ``None`` (default) uses
             SDXL's r = 15 scaled to the sample size, ``15 * sqrt(N / 65536)`` for N elements per sample: 15 for SDXL
             (4x128x128), 7.5 for SD 1.5 at 512 px (4x64x64), 0.47 for the 8x8 digits model. It grows like sqrt(N)
@@ -86,18 +93,22 @@ class APG(Guidance):
 
     scale_low = 1.0
 
+    deprecated_arguments = {"eta": "parallel_scale"}
+
     required_branches = frozenset({"cond", "uncond"})
 
     def __init__(
         self,
         guidance_scale: float = 7.5,
-        eta: float = 0.0,
+        parallel_scale: float = 0.0,
         norm_threshold: float | None = None,
         momentum: float = -0.5,
         momentum_per: str = "evaluation",
+        **deprecated: Any,
     ) -> None:
+        values, names = renamed_arguments(APG, deprecated, APG.deprecated_arguments, parallel_scale=parallel_scale)
         self.guidance_scale = check_number("guidance_scale", guidance_scale, low=1.0)
-        self.eta = check_number("eta", eta)
+        self.parallel_scale = check_number(names["parallel_scale"], values["parallel_scale"])
         self.norm_threshold = None if norm_threshold is None else check_number("norm_threshold", norm_threshold, low=0)
         self.momentum = check_number("momentum", momentum, low=-1.0, high=1.0, low_open=True, high_open=True)
         self.momentum_per = check_choice("momentum_per", momentum_per, ("evaluation", "step"))
@@ -144,7 +155,7 @@ class APG(Guidance):
             return cond
         cond_x0, uncond_x0 = step.to_x0(cond), step.to_x0(preds["uncond"])
         update = self._accumulate(cond_x0 - uncond_x0, step)
-        guided_x0 = apg_x0(cond_x0, update, self.guidance_scale, self.eta, self.threshold_for(cond_x0))
+        guided_x0 = apg_x0(cond_x0, update, self.guidance_scale, self.parallel_scale, self.threshold_for(cond_x0))
         return step.from_x0(guided_x0).to(cond.dtype)
 
     @classmethod
@@ -158,18 +169,19 @@ class APG(Guidance):
     ) -> APG:
         """Our APG equivalent to diffusers' ``AdaptiveProjectedGuidance`` *formula* (the space still differs).
 
-        Raises ``ValueError`` where no equivalent exists (default formulation with clip or momentum, see the module
-        docstring).
+        The arguments are diffusers' (``eta`` is its name for the parallel weight); the result has ours
+        (``parallel_scale``). Raises ``ValueError`` where no equivalent exists (default formulation with clip or
+        momentum, see the module docstring).
         """
         beta = 0.0 if momentum is None else momentum
         if use_original_formulation:
-            return cls(guidance_scale + 1, eta=eta, norm_threshold=norm_threshold, momentum=beta)
+            return cls(guidance_scale + 1, parallel_scale=eta, norm_threshold=norm_threshold, momentum=beta)
         if norm_threshold > 0 or beta != 0:
             raise ValueError(
                 "diffusers' default APG formulation (D_u + w * U) has no paper equivalent with norm_threshold > 0 "
                 "or momentum; use use_original_formulation=True or turn both off"
             )
         if guidance_scale == 1:
-            return cls(1.0, eta=1.0, norm_threshold=0.0, momentum=0.0)
-        eta_paper = (guidance_scale * eta - 1) / (guidance_scale - 1)
-        return cls(guidance_scale, eta=eta_paper, norm_threshold=0.0, momentum=0.0)
+            return cls(1.0, parallel_scale=1.0, norm_threshold=0.0, momentum=0.0)
+        parallel_scale = (guidance_scale * eta - 1) / (guidance_scale - 1)
+        return cls(guidance_scale, parallel_scale=parallel_scale, norm_threshold=0.0, momentum=0.0)

@@ -3,12 +3,14 @@
     TERM  := NAME ("@" KEY "=" VALUE)*
 
 ``NAME`` is a registered rule. Each ``@KEY=VALUE`` either sets a constructor argument of the rule built so far
-(``apg@eta=0.5``) or, when ``KEY`` is a wrapper of :data:`WRAPPERS`, wraps it with ``VALUE`` as the wrapper's main
-argument; later arguments then go to the wrapper. Wrappers apply left to right (the leftmost is innermost):
+(``apg@parallel_scale=0.5``) or, when ``KEY`` is a wrapper of :data:`WRAPPERS`, wraps it with ``VALUE`` as the
+wrapper's main argument; later arguments then go to the wrapper. Wrappers apply left to right (the leftmost is
+innermost):
 
     cfg@interval=0.28,2                     GuidanceInterval(CFG(w), sigma_range=(0.28, 2))
     cfg@schedule=cosine                     ScaleSchedule(CFG(w), "cosine")
-    apg@eta=0.5@interval=0.28,inf           GuidanceInterval(APG(w, eta=0.5), sigma_range=(0.28, inf))
+    apg@parallel_scale=0.5@interval=0.28,inf
+                                            GuidanceInterval(APG(w, parallel_scale=0.5), sigma_range=(0.28, inf))
     cfg@interval=0.28,2@ag=0.995@reduce=per-sample
                                             AdaptiveGuidance(GuidanceInterval(CFG(w), ...), 0.995, reduce="per-sample")
     dynamic-cfg@scales=1,2,3,4              DynamicCFG(scales=(1, 2, 3, 4))

@@ -320,7 +320,8 @@ def test_state_resets_between_calls():
 
 # -- configuration and bad input ----------------------------------------------------------------------------------
 def test_config_round_trips_and_names_build_the_base():
-    rule = AdaptiveGuidance(APG(5.0, eta=0.2, momentum=-0.3), threshold=0.95, space="output", reduce="per-sample")
+    rule = AdaptiveGuidance(APG(5.0, parallel_scale=0.2, momentum=-0.3), threshold=0.95, space="output",
+                            reduce="per-sample")
     config = rule.config()
     assert config["base"]["name"] == "apg" and config["guidance_scale"] == 5.0
     rebuilt = from_config(json.loads(json.dumps(config)))

@@ -68,14 +68,14 @@ def test_eta_one_without_clip_or_momentum_is_cfg(prediction_type):
     step = make_step(x, 0.7, prediction_type)
     preds = {"cond": cond, "uncond": uncond}
     for w in (1.5, 4.0, 12.0):
-        apg = APG(w, eta=1.0, norm_threshold=0.0, momentum=0.0).combine(preds, step)
+        apg = APG(w, parallel_scale=1.0, norm_threshold=0.0, momentum=0.0).combine(preds, step)
         assert relative(apg, CFG(w).combine(preds, step)) < 1e-6
 
 
 def test_scale_one_returns_the_conditional_prediction():
     x, cond, uncond = tensors(2, 4, 8, 8)
     for eta, r, beta in [(0.0, 0.0, 0.0), (0.5, 0.1, -0.5), (2.0, 5.0, -0.9)]:
-        apg = APG(1.0, eta=eta, norm_threshold=r, momentum=beta)
+        apg = APG(1.0, parallel_scale=eta, norm_threshold=r, momentum=beta)
         assert [b.name for b in apg.branches({}, make_step(x))] == ["cond"]  # one NFE per step, as CFG at w=1
         out = apg.combine({"cond": cond, "uncond": uncond}, make_step(x))
         torch.testing.assert_close(out, cond, rtol=1e-6, atol=1e-6)
@@ -141,7 +141,7 @@ def test_clip_is_a_no_op_below_the_threshold_and_bounds_the_norm_above():
 def test_momentum_uses_the_unclipped_running_sum_and_restarts_on_reset():
     x, c1, u1, c2, u2, c3, u3 = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(7))
     w, eta, r, beta = 5.0, 0.2, 0.5, -0.5  # r well below ||Delta||: clipped and un-clipped sums differ
-    apg = APG(w, eta=eta, norm_threshold=r, momentum=beta)
+    apg = APG(w, parallel_scale=eta, norm_threshold=r, momentum=beta)
     steps = [make_step(x, s, evaluation=i) for i, s in enumerate((0.9, 0.8, 0.7))]
     outs = [apg.combine({"cond": c, "uncond": u}, s) for (c, u), s in zip([(c1, u1), (c2, u2), (c3, u3)], steps)]
 
@@ -156,7 +156,7 @@ def test_momentum_uses_the_unclipped_running_sum_and_restarts_on_reset():
 
     apg.reset()
     again = apg.combine({"cond": c2, "uncond": u2}, steps[1])  # a new generation starts from Delta alone
-    fresh = APG(w, eta=eta, norm_threshold=r, momentum=beta).combine({"cond": c2, "uncond": u2}, steps[1])
+    fresh = APG(w, parallel_scale=eta, norm_threshold=r, momentum=beta).combine({"cond": c2, "uncond": u2}, steps[1])
     torch.testing.assert_close(again, fresh, rtol=0, atol=0)
     assert relative(outs[1], fresh) > 1e-3
 
@@ -191,7 +191,7 @@ def heun_run(momentum_per: str, steps: int = 4):
     scheduler = HeunDiscreteScheduler()
     scheduler.set_timesteps(steps)
     labels = torch.tensor([0, 1])
-    spy = Spy(APG(4.0, eta=0.1, norm_threshold=2.0, momentum=-0.5, momentum_per=momentum_per))
+    spy = Spy(APG(4.0, parallel_scale=0.1, norm_threshold=2.0, momentum=-0.5, momentum_per=momentum_per))
     denoise(
         model_fn=fake_model,
         scheduler=scheduler,
@@ -258,7 +258,7 @@ def generate(pipe, labels, seeds, guidance):
 
 
 def strong_apg() -> APG:
-    return APG(6.0, eta=0.0, norm_threshold=0.05, momentum=-0.5)
+    return APG(6.0, parallel_scale=0.0, norm_threshold=0.05, momentum=-0.5)
 
 
 def test_two_identical_pipeline_calls_give_identical_images():
@@ -269,7 +269,7 @@ def test_two_identical_pipeline_calls_give_identical_images():
     rule = strong_apg()  # the same module object reused: its momentum must not leak into the next call
     torch.testing.assert_close(generate(pipe, [0, 1], [1, 2], rule), generate(pipe, [0, 1], [1, 2], rule), rtol=0,
                                atol=0)
-    without_momentum = generate(pipe, [0, 1], [1, 2], APG(6.0, eta=0.0, norm_threshold=0.05, momentum=0.0))
+    without_momentum = generate(pipe, [0, 1], [1, 2], APG(6.0, parallel_scale=0.0, norm_threshold=0.05, momentum=0.0))
     assert (first - without_momentum).abs().max() > 1e-5
 
 
@@ -297,7 +297,7 @@ def test_batch_equals_separate_runs_with_per_sample_generators():
 def test_half_precision_inputs_give_finite_outputs_close_to_float32(dtype, tol):
     x, cond, uncond = tensors(2, 4, 64, 64, seed=7)
     x, cond, uncond = 3 * x, 3 * cond, 3 * cond + 0.5 * uncond  # sum of squares far above fp16's 65,504
-    apg = APG(7.5, eta=0.0, norm_threshold=40.0, momentum=-0.5)
+    apg = APG(7.5, parallel_scale=0.0, norm_threshold=40.0, momentum=-0.5)
     step16 = make_step(x.to(dtype), 0.5)
     out = apg.combine({"cond": cond.to(dtype), "uncond": uncond.to(dtype)}, step16)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -331,10 +331,10 @@ def test_x0_space_apg_differs_from_epsilon_space_apg_except_when_it_is_cfg():
     step = make_step(x, 0.6, "epsilon")
     as_x0 = replace(step, prediction_type="sample")  # treats the epsilon outputs as if they were x0: the common mistake
     preds = {"cond": cond, "uncond": uncond}
-    ours = APG(7.5, eta=0.0, norm_threshold=0.0, momentum=0.0).combine(preds, step)
-    on_epsilon = APG(7.5, eta=0.0, norm_threshold=0.0, momentum=0.0).combine(preds, as_x0)
+    ours = APG(7.5, parallel_scale=0.0, norm_threshold=0.0, momentum=0.0).combine(preds, step)
+    on_epsilon = APG(7.5, parallel_scale=0.0, norm_threshold=0.0, momentum=0.0).combine(preds, as_x0)
     assert relative(on_epsilon, ours) > 1e-2
-    cfg_like = [APG(7.5, eta=1.0, norm_threshold=0.0, momentum=0.0).combine(preds, s) for s in (step, as_x0)]
+    cfg_like = [APG(7.5, parallel_scale=1.0, norm_threshold=0.0, momentum=0.0).combine(preds, s) for s in (step, as_x0)]
     assert relative(cfg_like[0], cfg_like[1]) < 1e-6
 
 
@@ -359,7 +359,7 @@ X0S = [tuple(tensors(2, 4, 16, 16, seed=10 + i, n=2)) for i in range(3)]
                                           (2.0, 1.0, 1.0, -0.75)])
 def test_diffusers_original_formulation_at_w_is_ours_at_w_plus_one(w, eta, r, beta):
     theirs = feed_diffusers(X0S, w, eta, r, beta, original=True)
-    ours = feed_ours(APG(w + 1, eta=eta, norm_threshold=r, momentum=beta), X0S)
+    ours = feed_ours(APG(w + 1, parallel_scale=eta, norm_threshold=r, momentum=beta), X0S)
     ours_via_adapter = feed_ours(APG.from_diffusers(w, eta, r, beta or None, use_original_formulation=True), X0S)
     for a, b, c in zip(ours, theirs, ours_via_adapter):
         assert relative(a, b) < 1e-6
@@ -373,11 +373,12 @@ def test_diffusers_default_formulation_maps_to_ours_with_eta_prime(w, eta):
     (c, u), = X0S[:1]
     theirs = normalized_guidance(c, u, w, None, eta, 0.0, False)
     adapted = APG.from_diffusers(w, eta)
-    assert adapted.eta == pytest.approx((w * eta - 1) / (w - 1))
+    assert adapted.parallel_scale == pytest.approx((w * eta - 1) / (w - 1))
     ours = feed_ours(adapted, [(c, u)])[0]
     assert relative(ours, theirs) < 1e-6
     if eta == 0.0:  # diffusers' eta=0 pushes against the parallel part: not our eta=0
-        assert relative(feed_ours(APG(w, eta=0.0, norm_threshold=0.0, momentum=0.0), [(c, u)])[0], theirs) > 1e-2
+        ours_zero = APG(w, parallel_scale=0.0, norm_threshold=0.0, momentum=0.0)
+        assert relative(feed_ours(ours_zero, [(c, u)])[0], theirs) > 1e-2
 
 
 def test_diffusers_guider_object_agrees_at_scale_one_and_above():

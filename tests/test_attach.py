@@ -199,7 +199,8 @@ def test_apg_through_attach_equals_algorithm_1(sd, sdxl, image, tmp_path, family
         expected = run(pipe, guidance_scale=5.0, output_type="latent", **args)
     finally:
         handle.remove()
-    rule = APG(config["scale"], eta=config["eta"], norm_threshold=config["threshold"], momentum=config["momentum"])
+    rule = APG(config["scale"], parallel_scale=config["eta"], norm_threshold=config["threshold"],
+               momentum=config["momentum"])
     with attach(pipe, rule):
         got = run(pipe, output_type="latent", **args)
     assert abs(got - expected).max() <= TOLERANCE * float(expected.abs().max())

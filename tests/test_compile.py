@@ -37,7 +37,7 @@ def tensors(seed: int = 0):
 @pytest.mark.parametrize(
     "make",
     [lambda: CFG(5.0), lambda: CFG(5.0, guidance_rescale=0.7), lambda: APG(5.0, momentum=-0.5, norm_threshold=1.0),
-     lambda: TAGCFG(4.0, eta=1.5), lambda: TAGCFG(4.0, eta=1.5, adaptive=True)],
+     lambda: TAGCFG(4.0, tangential_weight=1.5), lambda: TAGCFG(4.0, tangential_weight=1.5, adaptive=True)],
     ids=["cfg", "cfg-rescale", "apg", "tag-cfg", "tag-cfg-adaptive"],
 )
 def test_combine_compiles_as_one_graph_and_matches_eager(make):

@@ -106,8 +106,8 @@ def class0_runs() -> dict:
     """Class-0 samples from the same noise: unguided, CFG at every scale, APG (eta = 0) at 3 and 5."""
     runs = {}
     for name, rule in [("cfg1", CFG(1.0))] + [(f"cfg{w}", CFG(w)) for w in SCALES] + [
-        (f"apg{w}", APG(w, eta=0.0, norm_threshold=0.0, momentum=0.0)) for w in (3.0, 5.0)
-    ] + [(f"apg-momentum{w}", APG(w, eta=0.0, norm_threshold=0.0, momentum=-0.5)) for w in (3.0, 5.0)]:
+        (f"apg{w}", APG(w, parallel_scale=0.0, norm_threshold=0.0, momentum=0.0)) for w in (3.0, 5.0)
+    ] + [(f"apg-momentum{w}", APG(w, parallel_scale=0.0, norm_threshold=0.0, momentum=-0.5)) for w in (3.0, 5.0)]:
         noise, samples, first_sigma = sample(rule, (N, 0), seed=1)
         runs[name] = samples
     runs["noise"], runs["first_sigma"] = noise, first_sigma

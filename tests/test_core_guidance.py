@@ -85,7 +85,7 @@ def test_registry_lists_cfg_first_and_names_the_available_ones_on_error():
         CFG(3.5),
         CFG(2.0, guidance_rescale=0.7),
         APG(),
-        APG(5.0, eta=0.3, norm_threshold=2.5, momentum=-0.25, momentum_per="step"),
+        APG(5.0, parallel_scale=0.3, norm_threshold=2.5, momentum=-0.25, momentum_per="step"),
     ],
     ids=["cfg", "cfg-rescale", "apg-default", "apg-all-args"],
 )
@@ -195,7 +195,7 @@ BUILDERS = {
     "cfg.guidance_scale": (lambda v: CFG(v), [(-1.0, ValueError), (None, TypeError)]),
     "cfg.guidance_rescale": (lambda v: CFG(2.0, guidance_rescale=v), [(-0.1, ValueError), (None, TypeError)]),
     "apg.guidance_scale": (lambda v: APG(v), [(-1.0, ValueError), (None, TypeError)]),
-    "apg.eta": (lambda v: APG(eta=v), [(None, TypeError)]),  # any finite eta is allowed
+    "apg.parallel_scale": (lambda v: APG(parallel_scale=v), [(None, TypeError)]),  # any finite value is allowed
     "apg.norm_threshold": (lambda v: APG(norm_threshold=v), [(-1.0, ValueError)]),  # None: size-scaled default
     "apg.momentum": (lambda v: APG(momentum=v), [(-1.5, ValueError), (-1.0, ValueError), (None, TypeError)]),
 }
@@ -270,11 +270,11 @@ def test_the_loop_resets_state_at_every_generation():
 
 
 def test_two_identical_generations_give_identical_results_with_apg_momentum():
-    apg = APG(4.0, eta=0.0, norm_threshold=0.5, momentum=-0.5)
+    apg = APG(4.0, parallel_scale=0.0, norm_threshold=0.5, momentum=-0.5)
     first, second = run(apg, steps=8), run(apg, steps=8)
     torch.testing.assert_close(first.latents, second.latents, rtol=0, atol=0)
     # momentum matters here, so equality is not trivial
-    no_momentum = run(APG(4.0, eta=0.0, norm_threshold=0.5, momentum=0.0), steps=8)
+    no_momentum = run(APG(4.0, parallel_scale=0.0, norm_threshold=0.5, momentum=0.0), steps=8)
     assert (no_momentum.latents - first.latents).abs().max() > 1e-4
 
 
@@ -283,7 +283,7 @@ def test_apg_restarts_its_momentum_when_the_noise_level_rises():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 4, 4)
     cond, uncond = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    apg = APG(3.0, eta=0.2, norm_threshold=0.0, momentum=-0.5)
+    apg = APG(3.0, parallel_scale=0.2, norm_threshold=0.0, momentum=-0.5)
     fresh = apg.combine({"cond": cond, "uncond": uncond}, make_step(x, sigma=0.9))
     apg.combine({"cond": uncond, "uncond": cond}, make_step(x, sigma=0.5))
     again = apg.combine({"cond": cond, "uncond": uncond}, make_step(x, sigma=0.9))

@@ -103,7 +103,8 @@ def gfcg_rule(mixture):
     return GFCG(BayesClassifier(mixture).eval(), cfg_scale=2.0)
 
 
-@pytest.mark.parametrize("make", [lambda m: CFG(W), lambda m: APG(W, momentum=-0.5), lambda m: TAGCFG(W, eta=0.5),
+@pytest.mark.parametrize("make", [lambda m: CFG(W), lambda m: APG(W, momentum=-0.5),
+                                  lambda m: TAGCFG(W, tangential_weight=0.5),
                                   gfcg_rule, lambda m: AdaptiveGuidance(CFG(W), threshold=0.9995)],
                          ids=["cfg", "apg", "tag-cfg", "gfcg", "ag"])
 def test_full_interval_equals_the_base_rule_bit_for_bit(mixture, scheduler, make):
@@ -192,7 +193,8 @@ def test_interval_by_name_and_config_round_trip(mixture, scheduler):
 # -- the schedule ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [lambda m: CFG(W), lambda m: APG(W, momentum=-0.5), lambda m: TAGCFG(W, eta=0.5),
+@pytest.mark.parametrize("make", [lambda m: CFG(W), lambda m: APG(W, momentum=-0.5),
+                                  lambda m: TAGCFG(W, tangential_weight=0.5),
                                   gfcg_rule, lambda m: AdaptiveGuidance(CFG(W), threshold=0.9995)],
                          ids=["cfg", "apg", "tag-cfg", "gfcg", "ag"])
 def test_constant_schedule_equals_the_base_rule_bit_for_bit(mixture, scheduler, make):
@@ -274,7 +276,8 @@ def test_the_scheduled_scale_has_the_base_rules_own_meaning_and_is_restored():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     preds = {"cond": torch.randn_like(x), "uncond": torch.randn_like(x)}
     step = vp_step(x, 0.6)
-    for make in (lambda w: APG(w, eta=0.3, norm_threshold=0.5), lambda w: TAGCFG(w, eta=0.7), CFG):
+    for make in (lambda w: APG(w, parallel_scale=0.3, norm_threshold=0.5),
+                 lambda w: TAGCFG(w, tangential_weight=0.7), CFG):
         rule = ScaleSchedule(make(W), lambda i, n, s: 1.75)
         rule.reset()
         reference = make(1.75)

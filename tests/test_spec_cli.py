@@ -28,11 +28,12 @@ def test_values_are_numbers_words_flags_and_lists():
 def test_terms_nest_wrappers_left_to_right_with_the_scale_innermost():
     assert term_config("cfg@interval=0.28,2", 3.0) == {
         "name": "interval", "base": {"name": "cfg", "guidance_scale": 3.0}, "sigma_range": [0.28, 2]}
-    config = term_config("apg@eta=0.5@interval=0.28,inf@ag=0.995@reduce=per-sample", 4.0)
+    config = term_config("apg@parallel_scale=0.5@interval=0.28,inf@ag=0.995@reduce=per-sample", 4.0)
     rule = from_config(config)
     assert isinstance(rule, AdaptiveGuidance) and rule.reduce == "per-sample" and rule.threshold == 0.995
     assert isinstance(rule.base, GuidanceInterval) and rule.base.sigma_range == (0.28, math.inf)
-    assert isinstance(rule.base.base, APG) and rule.base.base.eta == 0.5 and rule.base.base.guidance_scale == 4.0
+    apg = rule.base.base
+    assert isinstance(apg, APG) and apg.parallel_scale == 0.5 and apg.guidance_scale == 4.0
     schedule = from_config(term_config("cfg@schedule=cosine", 2.5))
     assert isinstance(schedule, ScaleSchedule) and schedule.schedule == "cosine" and schedule.base.guidance_scale == 2.5
     dynamic = from_config({**term_config("dynamic-cfg@scales=1,2,4", None), "scorer": lambda c, s: c.sum((2,))})

@@ -19,7 +19,7 @@ from diffusers import (
 
 from guidance import APG, CFG, TAG, TAGCFG, AdaptiveGuidance, Guidance, from_config, get_guidance, resolve_guidance
 from guidance.cfg import classifier_free_guidance
-from guidance.tag import FAMILY_ETA, tangential_amplify
+from guidance.tag import FAMILY_TANGENTIAL_SCALE, tangential_amplify
 from guidance.tag_cfg import tangential_cfg
 from pipelines.conditioning import BranchConditioning
 from pipelines.loop import denoise
@@ -108,7 +108,8 @@ def test_tag_matches_reference_radial_kept_tangential_scaled_and_closed_form():
     eta = 1.3
     out = tangential_amplify(before, after, eta)
     torch.testing.assert_close(out, reference_tag(before, after, eta), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(tangential_amplify(before, after, 1.2, eta_r=0.7), reference_tag(before, after, 1.2, 0.7))
+    torch.testing.assert_close(tangential_amplify(before, after, 1.2, radial_scale=0.7),
+                               reference_tag(before, after, 1.2, 0.7))
     unit = before / flat_norm(before).view(-1, 1, 1, 1)
     radial = lambda v: (v * unit).sum((1, 2, 3))  # noqa: E731
     torch.testing.assert_close(radial(out - before), radial(after - before))  # Eq. 22
@@ -153,15 +154,15 @@ def test_tag_eta_one_equals_base_sampler_exactly_in_the_pipeline():
     pipe = tiny_class_pipeline(DDIMScheduler(clip_sample=False))
     kwargs = dict(class_labels=[1, 4, 7], num_inference_steps=5, output_type="latent")
     base = pipe(guidance=CFG(3.0), generator=torch.Generator().manual_seed(0), **kwargs)
-    same = pipe(guidance=[CFG(3.0), TAG(eta=1.0)], generator=torch.Generator().manual_seed(0), **kwargs)
-    other = pipe(guidance=[CFG(3.0), TAG(eta=1.3)], generator=torch.Generator().manual_seed(0), **kwargs)
+    same = pipe(guidance=[CFG(3.0), TAG(tangential_scale=1.0)], generator=torch.Generator().manual_seed(0), **kwargs)
+    other = pipe(guidance=[CFG(3.0), TAG(tangential_scale=1.3)], generator=torch.Generator().manual_seed(0), **kwargs)
     assert torch.equal(same.images, base.images)
     assert same.nfe == base.nfe == other.nfe == 10
     assert not torch.allclose(other.images, base.images, atol=1e-3)
 
 
 def test_tag_window_inclusive_edges_and_outside_is_bitwise_base():
-    tag = TAG(eta=1.5, window=(500, 400))
+    tag = TAG(tangential_scale=1.5, window=(500, 400))
     assert [tag.active(t) for t in (501, 500, 450, 400, 399.5)] == [False, True, True, True, False]
     scheduler = DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear")  # 10 steps: t = 900, 800, ..., 0
     model, latents = FakeDenoiser(SHAPE), torch.randn(2, *SHAPE, dtype=torch.float64)
@@ -279,14 +280,14 @@ def test_tag_cfg_eta_zero_is_exactly_cfg():
     mixture = two_class_mixture(scheduler.alphas_cumprod, dim=4)
     latents, labels = torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 2
     finals = []
-    for rule in (CFG(3.0), TAGCFG(3.0, eta=0.0)):
+    for rule in (CFG(3.0), TAGCFG(3.0, tangential_weight=0.0)):
         scheduler.set_timesteps(10)
         finals.append(denoise(model_fn=mixture.model_fn, scheduler=scheduler, timesteps=scheduler.timesteps,
                               latents=latents, guidance=rule, conditioning=mixture.conditioning(labels),
                               num_inference_steps=10).latents)
     assert torch.equal(finals[0], finals[1])
-    assert TAGCFG(1.0, eta=0.0).branches({}, None) == CFG(1.0).branches({}, None)
-    assert {b.name for b in TAGCFG(1.0, eta=0.5).branches({}, None)} == {"cond", "uncond"}
+    assert TAGCFG(1.0, tangential_weight=0.0).branches({}, None) == CFG(1.0).branches({}, None)
+    assert {b.name for b in TAGCFG(1.0, tangential_weight=0.5).branches({}, None)} == {"cond", "uncond"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -360,7 +361,7 @@ def test_tag_cfg_fp16_large_latents():
 def test_tag_cfg_composes_with_tag_at_cfg_cost():
     model, labels = FakeDenoiser(SHAPE), torch.tensor([2, 9])
     latents = torch.randn(2, *SHAPE, dtype=torch.float64)
-    _, result = trajectory(SCHEDULERS["ddim-eps"](), [TAGCFG(3.0, eta=1.0), TAG(1.15)], latents, 5, model,
+    _, result = trajectory(SCHEDULERS["ddim-eps"](), [TAGCFG(3.0, tangential_weight=1.0), TAG(1.15)], latents, 5, model,
                            label_conditioning(labels))
     assert result.nfe == 10 and torch.isfinite(result.latents).all()
 
@@ -379,13 +380,14 @@ def test_tag_adds_no_evaluations_to_other_combine_rules(make):
 
 
 def test_registry_config_round_trip_and_family_defaults():
-    for module in (TAG(1.2, window=(1000, 400)), TAGCFG(4.0, eta=2.0, adaptive=True, delta=1e-3)):
+    for module in (TAG(1.2, window=(1000, 400)), TAGCFG(4.0, tangential_weight=2.0, adaptive=True, delta=1e-3)):
         rebuilt = from_config(json.dumps(module.config()))
         assert type(rebuilt) is type(module)
         assert json.dumps(rebuilt.config()) == json.dumps(module.config())
     assert isinstance(get_guidance("tag"), TAG) and isinstance(get_guidance("tag-cfg"), TAGCFG)
-    assert TAG().eta == 1.15 and TAG().window == (1000.0, 0.0)
-    assert {k: TAG.for_family(k).eta for k in FAMILY_ETA} == {"sd1.5": 1.15, "sd2.1": 1.15, "sdxl": 1.2, "sd3": 1.05}
+    assert TAG().tangential_scale == 1.15 and TAG().window == (1000.0, 0.0)
+    assert {k: TAG.for_family(k).tangential_scale for k in FAMILY_TANGENTIAL_SCALE} == {
+        "sd1.5": 1.15, "sd2.1": 1.15, "sdxl": 1.2, "sd3": 1.05}
     with pytest.raises(ValueError, match="family"):
         TAG.for_family("sd4")
 
@@ -393,10 +395,10 @@ def test_registry_config_round_trip_and_family_defaults():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"eta": 0.0}, ValueError, "eta"),
-        ({"eta": -1.2}, ValueError, "eta"),
-        ({"eta": float("nan")}, ValueError, "eta"),
-        ({"eta": "1.2"}, TypeError, "eta"),
+        ({"tangential_scale": 0.0}, ValueError, "tangential_scale"),
+        ({"tangential_scale": -1.2}, ValueError, "tangential_scale"),
+        ({"tangential_scale": float("nan")}, ValueError, "tangential_scale"),
+        ({"tangential_scale": "1.2"}, TypeError, "tangential_scale"),
         ({"window": (400, 1000)}, ValueError, "t_start > t_end"),
         ({"window": (500, 500)}, ValueError, "t_start > t_end"),
         ({"window": (1000,)}, ValueError, "window"),
@@ -413,7 +415,7 @@ def test_tag_bad_input(kwargs, error, match):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"eta": -0.5}, ValueError, "eta"),
+        ({"tangential_weight": -0.5}, ValueError, "tangential_weight"),
         ({"guidance_scale": -1.0}, ValueError, "guidance_scale"),
         ({"delta": 0.0}, ValueError, "delta"),
         ({"adaptive": 1}, TypeError, "adaptive"),

@@ -1,8 +1,10 @@
 """One vocabulary: both CLIs' shared flags and aliases, the one resolver of guidance strings in Python (composition
-strings, ``LABEL=JSON``, ``$scale``), by-name errors of rules that need inputs, and rule equality."""
+strings, ``LABEL=JSON``, ``$scale``), by-name errors of rules that need inputs, rule equality, and one word per concept
+(the rules' renamed ``eta`` arguments, with their deprecated alias)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -15,6 +17,7 @@ from guidance import (
     GFCG,
     NLG,
     TAG,
+    TAGCFG,
     AdaptiveGuidance,
     ComposedGuidance,
     from_config,
@@ -67,14 +70,14 @@ def test_composition_string_is_the_list_of_its_modules():
     assert resolve_guidance(["nlg", "apg+tag"], guidance_scale=4) == expected  # nested compositions flatten
     assert resolve_guidance("nlg+apg+tag").config() == ComposedGuidance([NLG(), APG(), TAG()]).config()
     # each keyword goes to the modules that take it; one that none takes is refused by name
-    assert get_guidance("nlg+tag", eta=1.3) == ComposedGuidance([NLG(), TAG(eta=1.3)])
+    assert get_guidance("nlg+tag", tangential_scale=1.3) == ComposedGuidance([NLG(), TAG(tangential_scale=1.3)])
     with pytest.raises(ValueError, match="no module takes 'threshold'"):
         get_guidance("nlg+tag", threshold=0.9)
 
 
 def test_label_json_and_scale_placeholder():
-    spec = 'strong={"name": "apg", "guidance_scale": "$scale", "eta": 0.5}'
-    assert resolve_guidance(spec, guidance_scale=9) == APG(9.0, eta=0.5)
+    spec = 'strong={"name": "apg", "guidance_scale": "$scale", "parallel_scale": 0.5}'
+    assert resolve_guidance(spec, guidance_scale=9) == APG(9.0, parallel_scale=0.5)
     assert get_guidance('x=[{"name": "nlg"}, {"name": "cfg", "guidance_scale": 2}]') == ComposedGuidance([NLG(), CFG(2)])
     assert guidance.registry.parse_guidance(spec, 9)[0] == "strong"
     with pytest.raises(ValueError, match=r"\$scale"):
@@ -132,8 +135,8 @@ def test_attach_reads_guidance_strings_with_the_same_resolver(tmp_path):
     pipe = StableDiffusionPipeline(**tiny_sd_components(tmp_path))
     with attach(pipe, "nlg+apg+tag") as attachment:
         assert attachment.guidance == ComposedGuidance([NLG(), APG(), TAG()])
-    with attach(pipe, 'soft={"name": "apg", "guidance_scale": 4, "eta": 0.5}') as attachment:
-        assert attachment.guidance == APG(4, eta=0.5)
+    with attach(pipe, 'soft={"name": "apg", "guidance_scale": 4, "parallel_scale": 0.5}') as attachment:
+        assert attachment.guidance == APG(4, parallel_scale=0.5)
     with pytest.raises(ValueError, match="'linear-ag' needs coefficients="):
         attach(pipe, "linear-ag")
 
@@ -151,3 +154,45 @@ def test_rules_compare_equal_when_their_configs_are_equal():
     assert GFCG(net) == GFCG(net) and GFCG(net) != GFCG(torch.nn.Linear(64, 10))  # networks compare by identity
     assert hash(GFCG(net)) == hash(GFCG(net))
 
+
+
+# ------------------------------------------------------------------------------------- one word per concept: eta
+
+#: each rule's own name for what its paper calls eta (and a value other than its default)
+RENAMED_ETA = [(APG, "parallel_scale", 0.5), (TAG, "tangential_scale", 1.3), (TAGCFG, "tangential_weight", 2.0)]
+
+
+@pytest.mark.parametrize(("cls", "new", "value"), RENAMED_ETA, ids=[cls.__name__ for cls, _, _ in RENAMED_ETA])
+def test_eta_is_a_deprecated_alias_of_each_rules_own_name(cls, new, value):
+    with pytest.warns(FutureWarning, match=rf"{cls.__name__}\(eta=\) is deprecated: it is {new}="):
+        old = cls(eta=value)
+    current = cls(**{new: value})
+    assert old == current and getattr(old, new) == value
+    assert old.config() == current.config() and old.config()[new] == value and "eta" not in old.config()
+    with pytest.warns(FutureWarning, match=new):  # a config written before the rename still builds the same rule
+        assert from_config({"name": cls.name, "eta": value}) == current
+    with pytest.warns(FutureWarning, match=new):
+        assert resolve_guidance(json.dumps({"name": cls.name, "eta": value})) == current
+    with pytest.raises(ValueError, match="not both"):
+        cls(**{new: value, "eta": value})
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        cls(etta=value)
+
+
+@pytest.mark.parametrize(("cls", "new"), [(TAG, "tangential_scale"), (TAGCFG, "tangential_weight")])
+def test_range_errors_name_the_argument_as_it_was_passed(cls, new):
+    with pytest.raises(ValueError, match=rf"^{new} must be in"):
+        cls(**{new: -1.0})
+    with pytest.raises(ValueError, match=r"^eta must be in"), pytest.warns(FutureWarning):
+        cls(eta=-1.0)
+
+
+def test_no_registered_rule_takes_an_argument_named_eta():
+    """Diffusers' scheduler eta (``pipe(..., eta=0)``) is the only eta left: every rule names what its factor scales."""
+    from guidance.registry import _REGISTRY
+
+    assert {"apg", "tag", "tag-cfg"} <= set(_REGISTRY)
+    offenders = {name: cls.__name__ for name, cls in _REGISTRY.items()
+                 if "eta" in inspect.signature(cls.__init__).parameters}
+    assert offenders == {}
+    assert {cls.__name__ for cls in _REGISTRY.values() if "eta" in cls.deprecated_arguments} == {"APG", "TAG", "TAGCFG"}
