@@ -7,7 +7,7 @@ shared machine hits them alike), ``output_type="latent"`` so the denoising loop 
 
 * ``plain CFG``: ``pipe(prompt, guidance_scale=7.5)``, no attachment;
 * ``attached CFG``: ``attach(pipe, CFG(7.5))``: the same two rows per step, through our interception;
-* ``attached APG``: APG (w 7.5, eta 0, momentum -0.5, size-scaled clip);
+* ``attached APG``: APG (w 7.5, parallel_scale 0, momentum -0.5, size-scaled clip);
 * ``attached AG``: AdaptiveGuidance(CFG(7.5)) at a threshold calibrated on this model so that every sample switches
   after half of the steps: fewer rows, so it should be faster than plain CFG;
 * ``attached CFG+TAG``: ``[CFG(7.5), TAG(1.15)]``.
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     rules: dict[str, Guidance | None] = {
         "plain CFG": None,
         "attached CFG": CFG(SCALE),
-        "attached APG": APG(SCALE, eta=0.0, momentum=-0.5),
+        "attached APG": APG(SCALE, parallel_scale=0.0, momentum=-0.5),
         "attached AG": calibrated_ag(pipe, call, args.steps),
         "attached CFG+TAG": [CFG(SCALE), TAG(1.15)],
     }

@@ -85,10 +85,10 @@ def candidates(pipe: Any, guided: Any, steps: int, batch: int, device: str) -> d
         "plain CFG": plain,
         "Guided* CFG": through_guided(guidance_scale=SCALE),
         "cfg": attached(CFG(SCALE)),
-        "apg": attached(APG(SCALE, eta=0.0, momentum=-0.5)),
+        "apg": attached(APG(SCALE, parallel_scale=0.0, momentum=-0.5)),
         "ag": attached(AdaptiveGuidance(CFG(SCALE), threshold=threshold, reduce="per-sample")),
         "tag": attached([CFG(SCALE), TAG(1.15)]),
-        "tag-cfg": attached(TAGCFG(SCALE, eta=1.0)),
+        "tag-cfg": attached(TAGCFG(SCALE, tangential_weight=1.0)),
         "nlg": attached([NLG(steps=2), CFG(SCALE)]),
         "gfcg": through_guided(
             guidance=GFCG(classifier=classifier, cfg_scale=SCALE), label_prompts=LABELS, target_labels=targets,

@@ -2,9 +2,10 @@
 
 All candidates get the same float32 CPU tensors (SD-size latents, batch 2x4x64x64 and 4x4x128x128) and are timed
 round-robin in one run (interleaved, so load on a shared machine hits them alike); the tables give the median and the
-best of ``--repeats`` calls and the ratios between them. APG settings: w = 7.5 (paper form), eta = 0, beta = -0.5 and
-r = 15 * sqrt(N / 65536) (our size-scaled default); diffusers is called with ``use_original_formulation=True`` at
-w - 1, which is the same rule (checked: the outputs agree to ~1e-7), so both do the same work:
+best of ``--repeats`` calls and the ratios between them. APG settings: w = 7.5 (paper form), parallel_scale = 0
+(diffusers' eta), beta = -0.5 and r = 15 * sqrt(N / 65536) (our size-scaled default); diffusers is called with
+``use_original_formulation=True`` at w - 1, which is the same rule (checked: the outputs agree to ~1e-7), so both do
+the same work:
 
 * ``CFG``: ``CFG(w).combine`` on epsilon predictions;
 * ``APG eps``: ``APG.combine`` on epsilon predictions, including the epsilon -> x0 -> epsilon conversions;
@@ -41,7 +42,7 @@ from guidance import APG, CFG
 from guidance.base import Step
 
 SHAPES = [(2, 4, 64, 64), (4, 4, 128, 128)]
-SCALE, ETA, MOMENTUM = 7.5, 0.0, -0.5
+SCALE, PARALLEL_SCALE, MOMENTUM = 7.5, 0.0, -0.5
 SIGMA = 0.6  # a mid-schedule VP noise level for the epsilon <-> x0 conversions
 
 #: the published SD-1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json)
@@ -78,7 +79,7 @@ def listing_float64(cond: torch.Tensor, uncond: torch.Tensor, threshold: float) 
     d = d * torch.clamp(threshold / torch.linalg.vector_norm(d, dim=dims, keepdim=True), max=1.0)
     unit = c / torch.linalg.vector_norm(c, dim=dims, keepdim=True)
     parallel = (d * unit).sum(dims, keepdim=True) * unit
-    return c + (SCALE - 1) * ((d - parallel) + ETA * parallel)
+    return c + (SCALE - 1) * ((d - parallel) + PARALLEL_SCALE * parallel)
 
 
 def interleaved_times(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -110,13 +111,13 @@ def combine_candidates(shape: tuple[int, ...]) -> tuple[dict[str, Callable[[], o
     threshold = APG().threshold_for(x0_cond)
 
     def apg() -> APG:
-        return APG(SCALE, eta=ETA, norm_threshold=threshold, momentum=MOMENTUM)
+        return APG(SCALE, parallel_scale=PARALLEL_SCALE, norm_threshold=threshold, momentum=MOMENTUM)
 
     cfg, apg_eps, apg_x0 = CFG(SCALE), apg(), apg()
     buffer = MomentumBuffer(MOMENTUM)
     guider = AdaptiveProjectedGuidance(
         guidance_scale=SCALE - 1, adaptive_projected_guidance_momentum=MOMENTUM,
-        adaptive_projected_guidance_rescale=threshold, eta=ETA, use_original_formulation=True,
+        adaptive_projected_guidance_rescale=threshold, eta=PARALLEL_SCALE, use_original_formulation=True,
     )
     guider.set_state(step=0, num_inference_steps=50, timestep=torch.tensor(500))
     guider.momentum_buffer = MomentumBuffer(MOMENTUM)  # what the guider's prepare_inputs does at step 0
@@ -126,7 +127,9 @@ def combine_candidates(shape: tuple[int, ...]) -> tuple[dict[str, Callable[[], o
         "APG x0": relative_error(apg().combine(x0, x0_step), reference),
         "APG eps": relative_error(eps_step.to_x0(apg().combine(eps, eps_step)), reference),
         "diffusers fn": relative_error(
-            normalized_guidance(x0_cond, x0_uncond, SCALE - 1, MomentumBuffer(MOMENTUM), ETA, threshold, True),
+            normalized_guidance(
+                x0_cond, x0_uncond, SCALE - 1, MomentumBuffer(MOMENTUM), PARALLEL_SCALE, threshold, True
+            ),
             reference,
         ),
         "float64 listing": relative_error(listing_float64(x0_cond, x0_uncond, threshold), reference),
@@ -135,7 +138,9 @@ def combine_candidates(shape: tuple[int, ...]) -> tuple[dict[str, Callable[[], o
         "CFG": lambda: cfg.combine(eps, eps_step),
         "APG eps": lambda: apg_eps.combine(eps, eps_step),
         "APG x0": lambda: apg_x0.combine(x0, x0_step),
-        "diffusers fn": lambda: normalized_guidance(x0_cond, x0_uncond, SCALE - 1, buffer, ETA, threshold, True),
+        "diffusers fn": lambda: normalized_guidance(
+            x0_cond, x0_uncond, SCALE - 1, buffer, PARALLEL_SCALE, threshold, True
+        ),
         "diffusers guider": lambda: guider.forward(x0_cond, x0_uncond),
         "float64 listing": lambda: listing_float64(x0_cond, x0_uncond, threshold),
     }

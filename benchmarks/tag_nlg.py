@@ -6,6 +6,7 @@ the evaluation network's features to the held-out test split, class accuracy is 
 table (markdown and CSV under ``benchmarks/results/``) gives every row's ratios to the unguided conditional base.
 
     python -m benchmarks.tag_nlg [--model samples/weights/digits] [--per-class 100] [--steps 25] [--scale 2]
+        [--tangential-scale 1.15] [--tangential-weight 1]  (TAG's and TAG-cfg's eta in the paper)
         [--only "ROW NAME" ...]  (only these rows, by their printed name; the base row is always run)
 """
 
@@ -31,27 +32,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def methods(
-    scale: float, eta: float, eta_cfg: float, nlg_threshold: float, nlg_taus: list[float]
+    scale: float, tangential_scale: float, tangential_weight: float, nlg_threshold: float, nlg_taus: list[float]
 ) -> dict[str, Callable[[], Guidance | list[Guidance]]]:
-    """The compared rules; ``scale`` is diffusers' CFG scale w (APG's ``D_c + (w - 1) U`` is CFG at the same w).
+    """The compared rules; ``scale`` is diffusers' CFG scale w (APG's ``D_c + (w - 1) U`` is CFG at the same w),
+    ``tangential_scale`` TAG's and ``tangential_weight`` TAG-cfg's (both the paper's eta).
 
     NLG runs once in the official configuration (absolute clip tau = 0.5, :meth:`NLG.official`) and otherwise at
     its default (tau = 0.5 scaled to the image size), shown as ``nlg_threshold``; ``nlg_taus`` add rows with other
     absolute clips, and one row shows the default clip evaluated at the schedule's first timestep.
     """
     tau = f"default tau={nlg_threshold:.3g}"
+    tag = f"TAG tangential_scale={tangential_scale:g}"
+    tag_cfg = f"w={scale:g} tangential_weight={tangential_weight:g}"
     return {
         "base (cond only)": lambda: CFG(1.0),
-        f"TAG eta={eta:g}": lambda: [CFG(1.0), TAG(eta)],
+        tag: lambda: [CFG(1.0), TAG(tangential_scale)],
         f"CFG w={scale:g}": lambda: CFG(scale),
-        f"TAG-cfg w={scale:g} eta={eta_cfg:g}": lambda: TAGCFG(scale, eta=eta_cfg),
-        f"TAG-cfg adaptive w={scale:g} eta={eta_cfg:g}": lambda: TAGCFG(scale, eta=eta_cfg, adaptive=True),
+        f"TAG-cfg {tag_cfg}": lambda: TAGCFG(scale, tangential_weight=tangential_weight),
+        f"TAG-cfg adaptive {tag_cfg}": lambda: TAGCFG(scale, tangential_weight=tangential_weight, adaptive=True),
         "NLG official (tau=0.5 absolute)": lambda: [NLG.official(), CFG(1.0)],
         f"NLG {tau}": lambda: [NLG(), CFG(1.0)],
         f"NLG {tau}, timestep=first": lambda: [NLG(timestep="first"), CFG(1.0)],
         **{f"NLG tau={t:g} (absolute)": (lambda t=t: [NLG(norm_threshold=t), CFG(1.0)]) for t in nlg_taus},
         f"NLG {tau} + CFG w={scale:g}": lambda: [NLG(), CFG(scale)],
-        f"NLG {tau} + APG w={scale:g} + TAG eta={eta:g}": lambda: [NLG(), APG(scale), TAG(eta)],
+        f"NLG {tau} + APG w={scale:g} + {tag}": lambda: [NLG(), APG(scale), TAG(tangential_scale)],
     }
 
 
@@ -76,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=2.0, help="CFG / APG / TAG-cfg scale w")
-    parser.add_argument("--eta", type=float, default=1.15, help="TAG's tangential scale")
-    parser.add_argument("--eta-cfg", type=float, default=1.0, help="TAG-cfg's additive eta")
+    parser.add_argument("--tangential-scale", type=float, default=1.15,
+                        help="TAG's factor on the tangential part of each step (the paper's eta)")
+    parser.add_argument("--tangential-weight", type=float, default=1.0,
+                        help="TAG-cfg's additive weight of the aligned tangential residual (the paper's eta)")
     parser.add_argument("--nlg-taus", nargs="*", type=float, default=[], help="extra NLG rows with these clips")
     parser.add_argument("--only", nargs="+", default=None, help="run only these rows (exact names)")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     nlg_threshold = scaled_norm_threshold(config.in_channels * config.sample_size**2)
 
     rows = []
-    for index, (name, build) in enumerate(methods(args.scale, args.eta, args.eta_cfg, nlg_threshold, args.nlg_taus).items()):
+    rules = methods(args.scale, args.tangential_scale, args.tangential_weight, nlg_threshold, args.nlg_taus)
+    for index, (name, build) in enumerate(rules.items()):
         if index > 0 and args.only and name not in args.only:
             continue
         rule = resolve_guidance(build())
