@@ -67,14 +67,14 @@ def runs(setup: Setup, bad: torch.nn.Module, prediction_type: str, args) -> list
         out += [
             ("CFG", f"w={w:g}", CFG(w)),
             ("Autoguidance", f"w={w:g}", autoguidance),
-            ("GFCG+Autoguidance", f"w={w:g}", GFCG(setup.classifier, guidance_scale=args.gfcg_lambda,
+            ("GFCG+Autoguidance", f"w={w:g}", GFCG(setup.classifier, confusion_scale=args.gfcg_lambda,
                                                    autoguidance=autoguidance)),
         ]
     if args.variant_scale is not None:
         autoguidance = AutoGuidance(args.variant_scale, model=bad, prediction_type=prediction_type)
         for name, options in (("additive", {"autoguidance_form": "additive"}),
                               ("exclude_target", {"reference": "exclude_target"})):
-            rule = GFCG(setup.classifier, guidance_scale=args.gfcg_lambda, autoguidance=autoguidance, **options)
+            rule = GFCG(setup.classifier, confusion_scale=args.gfcg_lambda, autoguidance=autoguidance, **options)
             out.append((f"GFCG+Autoguidance ({name})", f"w={args.variant_scale:g}", rule))
     return out
 

@@ -134,11 +134,11 @@ def comparison_runs(classifier: torch.nn.Module, args) -> list[tuple[str, str, G
     lambda of ``--combined-lambdas``, and GFCG+CFG reading the previous guided x0 (the ``classifier_input`` variant)
     at ``--variant-lambda``."""
     runs: list[tuple[str, str, Guidance]] = [("CFG", f"w={w:g}", CFG(w)) for w in args.cfg_scales]
-    runs += [("GFCG", f"lambda={lam:g}", GFCG(classifier, guidance_scale=lam)) for lam in args.gfcg_scales]
+    runs += [("GFCG", f"lambda={lam:g}", GFCG(classifier, confusion_scale=lam)) for lam in args.gfcg_scales]
     combined = [(f"GFCG+CFG (lambda={lam:g})", lam, "cond") for lam in args.combined_lambdas]
     combined.append((f"GFCG+CFG (lambda={args.variant_lambda:g}, previous x0)", args.variant_lambda, "previous"))
     for name, lam, input_ in combined:
-        runs += [(name, f"w={w:g}", GFCG(classifier, guidance_scale=lam, cfg_scale=w, classifier_input=input_))
+        runs += [(name, f"w={w:g}", GFCG(classifier, confusion_scale=lam, cfg_scale=w, classifier_input=input_))
                  for w in args.cfg_scales if w > 1]
     return runs
 
@@ -151,9 +151,9 @@ def tuning_runs(classifier: torch.nn.Module, args) -> list[tuple[str, str, Guida
     variants: dict[str, dict] = {}
     for rule in ("ratio", "one_minus_p", "indicator"):
         for lam in args.gfcg_scales:
-            variants[f"{rule} lambda={lam:g}"] = {"scale_rule": rule, "guidance_scale": lam}
+            variants[f"{rule} lambda={lam:g}"] = {"scale_rule": rule, "confusion_scale": lam}
     default = GFCG(classifier)
-    prefix = f"{default.scale_rule} lambda={default.guidance_scale:g} (default)"
+    prefix = f"{default.scale_rule} lambda={default.confusion_scale:g} (default)"
     variants[f"{prefix}, include_target"] = {"reference": "include_target"}
     variants[f"{prefix}, w_max=1"] = {"w_max": 1.0}
     variants[f"{prefix}, sigma_window=(0,1)"] = {"sigma_window": (0.0, 1.0)}

@@ -33,7 +33,7 @@ import torch
 
 from guidance._validate import check_bool, check_choice, check_number
 from guidance.base import Branch, Guidance, Predictions, Step
-from guidance.registry import register
+from guidance.registry import register, scale_of
 from guidance.spaces import MIN_COEFFICIENT, batch_dims, compute_dtype
 from guidance.wrap import resolve_base
 
@@ -104,7 +104,7 @@ class AdaptiveGuidance(Guidance):
         if guidance_scale is not None:
             check_number("guidance_scale", guidance_scale, low=0.0)
         self.base = _resolve_base(base, guidance_scale)
-        self.guidance_scale = getattr(self.base, "guidance_scale", None)
+        self.guidance_scale = scale_of(self.base)
         self.threshold = check_number("threshold", threshold, low=0.0, high=1.0, low_open=True)
         self.space = check_choice("space", space, SPACES)
         self.reduce = check_choice("reduce", reduce, REDUCTIONS)

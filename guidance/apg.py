@@ -92,8 +92,7 @@ class APG(Guidance):
     """
 
     scale_low = 1.0
-
-    deprecated_arguments = {"eta": "parallel_scale"}
+    renamed = {"eta": "parallel_scale"}
 
     required_branches = frozenset({"cond", "uncond"})
 
@@ -106,7 +105,7 @@ class APG(Guidance):
         momentum_per: str = "evaluation",
         **deprecated: Any,
     ) -> None:
-        values, names = renamed_arguments(APG, deprecated, APG.deprecated_arguments, parallel_scale=parallel_scale)
+        values, names = renamed_arguments(APG, deprecated, APG.renamed, parallel_scale=parallel_scale)
         self.guidance_scale = check_number("guidance_scale", guidance_scale, low=1.0)
         self.parallel_scale = check_number(names["parallel_scale"], values["parallel_scale"])
         self.norm_threshold = None if norm_threshold is None else check_number("norm_threshold", norm_threshold, low=0)

@@ -140,12 +140,15 @@ class Guidance:
     required_branches: ClassVar[frozenset[str]] = frozenset({"cond"})
     #: what to pass for the constructor arguments without a default (shown when a rule built by name lacks them)
     inputs_help: ClassVar[str] = ""
-    #: the smallest ``guidance_scale`` the rule accepts, for rules whose hooks read ``self.guidance_scale`` at call
-    #: time, so that :class:`~guidance.schedule.ScaleSchedule` may set it per step; ``None``: no such scale
+    #: the constructor argument that is this rule's strength, when it takes it: what ``--scale`` of the command
+    #: lines, the resolver's ``guidance_scale`` for rules built by name and the wrappers set (CFG's w is
+    #: ``guidance_scale``; GFCG's lambda is ``confusion_scale``)
+    scale_argument: ClassVar[str] = "guidance_scale"
+    #: the smallest value of :attr:`scale_argument` the rule accepts, for rules whose hooks read it at call time, so
+    #: that :class:`~guidance.schedule.ScaleSchedule` may set it per step; ``None``: no such scale
     scale_low: ClassVar[float | None] = None
-    #: old constructor argument name -> its new name, accepted with a ``FutureWarning`` (the constructor folds them in
-    #: with :func:`guidance._validate.renamed_arguments`; by-name builders such as ``from_config`` accept them too)
-    deprecated_arguments: ClassVar[Mapping[str, str]] = {}
+    #: deprecated constructor keywords, old name -> new name (still accepted, with a ``FutureWarning``)
+    renamed: ClassVar[dict[str, str]] = {}
 
     @property
     def networks(self) -> Mapping[str, Network]:

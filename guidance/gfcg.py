@@ -8,7 +8,7 @@ the prediction is pushed away from the model's prediction *for that reference cl
     p     = softmax(classifier(decode(x0)))                  float32 or better, under torch.no_grad
     c_ref = argmax_{k != c} p_k                              reference="exclude_target" (most-confusable rival)
           | argmax_k p_k   (w = 0 when it is c)              reference="include_target"
-    w_t   = clip(lambda * f(p, c, c_ref), 0, w_max)          inside sigma_window, else 0
+    w_t   = clip(lambda * f(p, c, c_ref), 0, w_max)          inside sigma_window, else 0;  lambda = confusion_scale
     out   = out_c + w_t * (out_c - out_ref)                                          (2 NFE per step)
     out   = out_u + omega * (out_c - out_u) + w_t * (out_c - out_ref)                with CFG (3 NFE per step)
 
@@ -41,7 +41,7 @@ clip and noise interval could not be checked. The three scale rules, both refere
 therefore all options; the defaults were chosen by measurement on the embedded digits model's weak checkpoint
 (``benchmarks/gfcg.py``, scored by a separate evaluation network), not taken from the paper:
 
-- ``scale_rule="one_minus_p"``, ``guidance_scale=2``: the same class accuracy as ``"ratio"`` at lambda 2 at a lower
+- ``scale_rule="one_minus_p"``, ``confusion_scale=2``: the same class accuracy as ``"ratio"`` at lambda 2 at a lower
   FD; ``"indicator"`` gained less accuracy. With ``cfg_scale`` a smaller lambda (0.5-1) keeps FD closer to CFG's.
 - ``classifier_input="cond"``: reading the previous step's *guided* estimate saves the second forward but, with CFG
   at omega >= 2, reads an estimate that already carries CFG's push and raised FD by 17-36% over ``"cond"``; on a CPU
@@ -56,12 +56,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from guidance._validate import check_bool, check_choice, check_number
+from guidance._validate import check_bool, check_choice, check_number, renamed_arguments
 from guidance.autoguidance import GUIDING, AutoGuidance, autoguidance_combine, guiding_branch
 from guidance.base import Branch, Guidance, Network, Predictions, Step
 from guidance.cfg import classifier_free_guidance
 from guidance.registry import register, resolve_guidance
-from guidance.spaces import compute_dtype
+from guidance.spaces import compute_dtype, reduction_dtype
 
 REFERENCE_RULES = ("exclude_target", "include_target")
 CLASSIFIER_INPUTS = ("cond", "previous")
@@ -109,13 +109,14 @@ def gfcg_scale(
     target: torch.Tensor,
     reference: torch.Tensor,
     rule: str,
-    guidance_scale: float,
+    confusion_scale: float,
     w_max: float,
 ) -> torch.Tensor:
-    """``w_t = clip(guidance_scale * f(p, c, c_ref), 0, w_max)`` per sample, and exactly 0 where ``c_ref == c``."""
+    """``w_t = clip(lambda * f(p, c, c_ref), 0, w_max)`` per sample (lambda: ``confusion_scale``), and exactly 0 where
+    ``c_ref == c``."""
     check_choice("scale_rule", rule, tuple(SCALE_RULES))
     signal = SCALE_RULES[rule](probs, target, reference)
-    scale = (guidance_scale * signal).clamp(0.0, w_max)
+    scale = (confusion_scale * signal).clamp(0.0, w_max)
     return torch.where(reference == target, torch.zeros_like(scale), scale)
 
 
@@ -176,7 +177,10 @@ class GFCG(Guidance):
             Pass it in eval mode; it is only ever run under ``torch.no_grad``. Required. It is not part of
             :meth:`config` (a module is not serialisable): rebuild with ``from_config({**config, "classifier": net})``
             or ``get_guidance("gfcg", classifier=net, ...)``.
-        guidance_scale: lambda >= 0, the factor of the confusion signal (0 turns GFCG off: 1 NFE per step).
+        confusion_scale: lambda >= 0, the factor of the confusion signal (0 turns GFCG off: 1 NFE per step); GFCG's
+            strength, which ``--scale`` of the command lines and the wrappers (``ScaleSchedule``) set. Its own name:
+            ``guidance_scale`` is CFG's w everywhere (here ``cfg_scale``, or the Autoguidance's); the old
+            ``guidance_scale=`` keyword is accepted as a deprecated alias.
         scale_rule: ``"ratio"``, ``"one_minus_p"``, ``"indicator"`` or a rule added to :data:`SCALE_RULES`
             [reconstruction].
         reference: ``"exclude_target"`` (the most probable other class) or ``"include_target"`` (the most probable
@@ -201,20 +205,26 @@ class GFCG(Guidance):
             ``"additive"`` (Autoguidance plus a GFCG contrast against the guiding model at ``c_ref``) [reconstruction].
 
     Diagnostics: :attr:`history` (reset at every generation) holds one dict per model evaluation with ``step``,
-    ``evaluation``, ``noise_level`` and, per sample, ``reference`` (long; -1
-    where the classifier did not run), ``scale`` (``w_t``) and ``target_prob`` (``p_c``; NaN where it did not run).
+    ``evaluation``, ``noise_level`` and, per sample, ``reference`` (long; -1 where the classifier did not run),
+    ``scale`` (``w_t``) and ``target_prob`` (``p_c``; NaN where it did not run), as tensors on the samples' device
+    (recording them reads nothing back to the host).
+
+    Host reads per evaluation where the classifier runs: the loop reads which rows need the reference branch (the
+    per-sample decision, as Adaptive Guidance's switch) and :func:`classifier_logits` checks the logits are finite.
 
     Cost per evaluation: 1 conditional NFE, 1 reference NFE for every sample with ``w_t > 0`` (so 2 per step, 3 with
     CFG; with Autoguidance 2, one of each network), 1 classifier forward and 1 ``decode`` (a VAE decode for latent
     models).
     """
 
+    scale_argument = "confusion_scale"
     scale_low = 0.0
+    renamed = {"guidance_scale": "confusion_scale"}
 
     def __init__(
         self,
         classifier: nn.Module | None = None,
-        guidance_scale: float = 2.0,
+        confusion_scale: float = 2.0,
         scale_rule: str = "one_minus_p",
         reference: str | None = None,
         w_max: float = 4.0,
@@ -224,7 +234,9 @@ class GFCG(Guidance):
         recompute_at_second_stage: bool = True,
         autoguidance: AutoGuidance | dict[str, Any] | None = None,
         autoguidance_form: str = "shared_reference",
+        **deprecated: Any,
     ) -> None:
+        values, names = renamed_arguments(GFCG, deprecated, GFCG.renamed, confusion_scale=confusion_scale)
         if classifier is None:
             raise ValueError(
                 "GFCG needs classifier=: a torch.nn.Module mapping images in [-1, 1] to logits over the label set "
@@ -233,7 +245,7 @@ class GFCG(Guidance):
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
         self.classifier = classifier
-        self.guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        self.confusion_scale = check_number(names["confusion_scale"], values["confusion_scale"], low=0.0)
         self.scale_rule = check_choice("scale_rule", scale_rule, tuple(SCALE_RULES))
         self.w_max = check_number("w_max", w_max, low=0.0, low_open=True)
         self.sigma_window = self._check_window(sigma_window)
@@ -328,13 +340,13 @@ class GFCG(Guidance):
             return gfcg_combine(cond, reference_out, scale, base=autoguidance_combine(cond, guiding, w))
         has_reference = (scale > 0).to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
         bad = torch.where(has_reference, reference_out, guiding)
-        total = torch.as_tensor(w, dtype=torch.float64) + scale.double().cpu()  # float64: exactly w where w_t = 0
-        return autoguidance_combine(cond, bad, total.to(scale.device))
+        total = w + scale.to(reduction_dtype(scale))  # float64 (float32 on MPS): exactly w where w_t = 0
+        return autoguidance_combine(cond, bad, total)
 
     # -- choosing the reference ------------------------------------------------------------------------------------
 
     def _in_window(self, step: Step) -> bool:
-        if self.guidance_scale == 0:
+        if self.confusion_scale == 0:
             return False
         if self.sigma_window is None:
             return True
@@ -373,7 +385,7 @@ class GFCG(Guidance):
         self._guiding_branch = self._guiding_rows(scale)
         self.history.append({
             "step": step.index, "evaluation": step.evaluation, "noise_level": step.noise_level,
-            "reference": reference.cpu(), "scale": scale.cpu(), "target_prob": target_prob.cpu(),
+            "reference": reference, "scale": scale, "target_prob": target_prob,
         })
 
     def _guiding_rows(self, scale: torch.Tensor) -> Branch | None:
@@ -393,7 +405,7 @@ class GFCG(Guidance):
         self._check(step, probs, target)
         probs = probs.to(device)
         reference = choose_reference(probs, target, self.reference)
-        scale = gfcg_scale(probs, target, reference, self.scale_rule, self.guidance_scale, self.w_max)
+        scale = gfcg_scale(probs, target, reference, self.scale_rule, self.confusion_scale, self.w_max)
         return reference, scale.float(), probs.gather(1, target[:, None])[:, 0].float()
 
     @staticmethod

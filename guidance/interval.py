@@ -28,7 +28,7 @@ import torch
 
 from guidance._validate import check_number
 from guidance.base import Branch, Guidance, Predictions, Step
-from guidance.registry import register
+from guidance.registry import register, scale_of
 from guidance.wrap import resolve_base
 
 #: the paper's interval for EDM2 (sigma in (0.28, 5.42])
@@ -79,7 +79,7 @@ class GuidanceInterval(Guidance):
             check_number("guidance_scale", guidance_scale, low=0.0)
         self.base = resolve_base(base, guidance_scale, "GuidanceInterval")
         self.sigma_range = check_sigma_range("sigma_range", sigma_range)
-        self.guidance_scale = getattr(self.base, "guidance_scale", None)
+        self.guidance_scale = scale_of(self.base)
         self.required_branches = self.base.required_branches
         self.reset()
 

@@ -128,8 +128,7 @@ class NLG(Guidance):
     """
 
     required_branches = frozenset({"cond", "uncond"})
-
-    deprecated_arguments = {"max_norm": "norm_threshold"}
+    renamed = {"max_norm": "norm_threshold"}
 
     def __init__(
         self,
@@ -143,7 +142,7 @@ class NLG(Guidance):
         timestep: str = "max",
         **deprecated: Any,
     ) -> None:
-        values, names = renamed_arguments(NLG, deprecated, NLG.deprecated_arguments, norm_threshold=norm_threshold)
+        values, names = renamed_arguments(NLG, deprecated, NLG.renamed, norm_threshold=norm_threshold)
         norm_threshold = values["norm_threshold"]
         self.steps = check_int("steps", steps, low=0)
         self.step_size = check_number("step_size", step_size, low=0.0, low_open=True)

@@ -14,8 +14,9 @@ One resolver for every place a guidance is accepted (pipelines, ``guidance-gener
 In ``a+b`` a rule that takes the next one as an argument of that name gets it nested instead of composed
 (``gfcg+autoguidance``: ``GFCG(autoguidance=AutoGuidance(...))``, both given the scale).
 
-``guidance_scale`` given to :func:`resolve_guidance` goes to every module built from a *name* whose constructor takes
-one (the innermost rule of a wrapped term), and replaces ``"$scale"`` in configs; configured modules and dicts carry their own scale. ``inputs`` supplies
+``guidance_scale`` given to :func:`resolve_guidance` is the strength of every module built from a *name* that has one
+(:attr:`~guidance.base.Guidance.scale_argument`: CFG's w ``guidance_scale``, GFCG's lambda ``confusion_scale``; the
+innermost rule of a wrapped term), and replaces ``"$scale"`` in configs; configured modules and dicts carry their own scale. ``inputs`` supplies
 constructor arguments a config leaves out (GFCG's ``classifier``, LinearAG's ``coefficients`` ...). A rule whose
 required arguments are missing fails with a ``ValueError`` that names them and says what to pass.
 """
@@ -71,6 +72,18 @@ def constructor_parameters(cls: type[Guidance]) -> dict[str, inspect.Parameter]:
 def takes(name: str, argument: str) -> bool:
     """Whether the rule registered under ``name`` takes the constructor argument ``argument``."""
     return argument in constructor_parameters(guidance_class(name))
+
+
+def scale_parameter(cls: type[Guidance]) -> str | None:
+    """The constructor argument that is the strength of ``cls`` (:attr:`Guidance.scale_argument`), or ``None`` when
+    it takes none (TAG, NLG)."""
+    return cls.scale_argument if cls.scale_argument in constructor_parameters(cls) else None
+
+
+def scale_of(rule: Guidance) -> float | None:
+    """The strength of ``rule`` (its :attr:`~Guidance.scale_argument`'s value), ``None`` when it has none."""
+    name = scale_parameter(type(rule))
+    return None if name is None else getattr(rule, name)
 
 
 def _is_json(text: str) -> bool:
@@ -179,11 +192,11 @@ def supply(config: Any, inputs: Mapping[str, Any], names: Iterable[str] | None =
 def _build(name: str, arguments: dict[str, Any]) -> Guidance:
     """The rule ``name`` built from ``arguments``; unknown or missing arguments are a ``ValueError`` naming them.
 
-    Old names of renamed arguments (the class's ``deprecated_arguments``) go to the constructor, which warns.
+    Old names of renamed arguments (the class's ``renamed``) go to the constructor, which warns.
     """
     cls = guidance_class(name)
     params = constructor_parameters(cls)
-    unknown = sorted(set(arguments) - set(params) - set(cls.deprecated_arguments))
+    unknown = sorted(set(arguments) - set(params) - set(cls.renamed))
     if unknown:
         raise ValueError(
             f"guidance {name!r} takes no argument {', '.join(map(repr, unknown))}; it takes: {', '.join(params)}"

@@ -21,8 +21,9 @@ A callable ``schedule(step_index, num_steps, sigma) -> scale`` receives ``Step.i
 ``Step.noise_level`` of every model evaluation.
 
 **One meaning of scale.** A schedule never reinterprets the scale: at every evaluation it sets the base rule's own
-``guidance_scale`` (CFG's w, APG's w, GFCG's lambda...) to ``w_i`` for the duration of the hook call and restores it
-afterwards (:func:`scale_set_to`), so the rule computes exactly what ``Rule(guidance_scale=w_i)`` computes, with its
+strength (:attr:`~guidance.base.Guidance.scale_argument`: CFG's and APG's w ``guidance_scale``, GFCG's lambda
+``confusion_scale``...) to ``w_i`` for the duration of the hook call and restores it afterwards (:func:`scale_set_to`),
+so the rule computes exactly what ``Rule(guidance_scale=w_i)`` computes, with its
 per-generation state (APG's momentum) intact. Rules opt in by declaring :attr:`guidance.base.Guidance.scale_low`, the
 smallest scale they accept; every ``w_i`` is checked against it.
 """
@@ -39,7 +40,7 @@ import torch
 from guidance._validate import check_number
 from guidance.base import Branch, Guidance, Predictions, Step
 from guidance.interval import check_sigma_range, in_sigma_range
-from guidance.registry import register
+from guidance.registry import register, scale_of
 from guidance.wrap import resolve_base, wrapped_chain
 
 Schedule = Callable[[int, int, float], float]
@@ -75,22 +76,24 @@ SCHEDULE_NAMES = (*STEP_SCHEDULES, "interval")
 
 
 def scaled_rules(rule: Guidance) -> list[Guidance]:
-    """The rules in ``rule``'s wrapper chain whose hooks read ``guidance_scale`` (``scale_low`` is set)."""
+    """The rules in ``rule``'s wrapper chain whose hooks read their strength (``scale_argument``) at call time
+    (``scale_low`` is set)."""
     return [r for r in wrapped_chain(rule) if r.scale_low is not None]
 
 
 @contextmanager
 def scale_set_to(rule: Guidance, scale: float) -> Iterator[None]:
-    """Set ``guidance_scale`` of the scaled rules in ``rule``'s chain to ``scale`` inside the block, then restore it."""
+    """Set the strength (``scale_argument``: CFG's ``guidance_scale``, GFCG's ``confusion_scale``) of the scaled
+    rules in ``rule``'s chain to ``scale`` inside the block, then restore it."""
     targets = scaled_rules(rule)
-    saved = [r.guidance_scale for r in targets]
+    saved = [getattr(r, r.scale_argument) for r in targets]
     for target in targets:
-        target.guidance_scale = scale
+        setattr(target, target.scale_argument, scale)
     try:
         yield
     finally:
         for target, value in zip(targets, saved):
-            target.guidance_scale = value
+            setattr(target, target.scale_argument, value)
 
 
 @register("schedule")
@@ -137,7 +140,7 @@ class ScaleSchedule(Guidance):
             raise ValueError(f"sigma_range is used by schedule='interval' only; got schedule={schedule!r}")
         self.schedule = schedule
         self.sigma_range = sigma_range
-        self.guidance_scale = targets[0].guidance_scale
+        self.guidance_scale = scale_of(targets[0])
         self._low = max(r.scale_low for r in targets)
         self.required_branches = self.base.required_branches
         self.reset()

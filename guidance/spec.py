@@ -16,18 +16,18 @@ innermost):
     dynamic-cfg@scales=1,2,3,4              DynamicCFG(scales=(1, 2, 3, 4))
 
 ``VALUE`` is a number, ``inf``, ``true``/``false``, ``none``, a word, or a comma-separated list of these. The tools give
-the guidance scale ``w`` to the innermost rule (when it takes ``guidance_scale``). Anything the syntax cannot say
+the guidance scale ``w`` to the innermost rule, as its strength (:attr:`~guidance.base.Guidance.scale_argument`: CFG's
+``guidance_scale``, GFCG's ``confusion_scale``; rules without one, such as TAG, take none). Anything the syntax cannot say
 (a dict of scorer options, a callable) takes a JSON config (``guidance-evaluate`` ``LABEL=JSON``) or Python.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from typing import Any
 
-from guidance.registry import guidance_class
+from guidance.registry import guidance_class, scale_parameter
 
 #: wrapper name -> the argument its ``@name=VALUE`` sets
 WRAPPERS = {"interval": "sigma_range", "schedule": "schedule", "ag": "threshold"}
@@ -89,10 +89,12 @@ def nest(layers: list[Layer], base: Any) -> dict[str, Any]:
 
 
 def term_config(term: str, guidance_scale: float | None = None) -> dict[str, Any]:
-    """The config dict of ``term``, with ``guidance_scale`` given to the innermost rule when it takes one."""
+    """The config dict of ``term``, with ``guidance_scale`` given to the innermost rule as its strength when it takes
+    one (unless the term sets it)."""
     layers = parse_term(term)
     name, kwargs = layers[0]
     inner: dict[str, Any] = {"name": name, **kwargs}
-    if guidance_scale is not None and "guidance_scale" in inspect.signature(guidance_class(name).__init__).parameters:
-        inner.setdefault("guidance_scale", guidance_scale)
+    argument = scale_parameter(guidance_class(name))
+    if guidance_scale is not None and argument is not None:
+        inner.setdefault(argument, guidance_scale)
     return nest(layers, inner)

@@ -74,12 +74,12 @@ class TAG(Guidance):
     Compose it after any combine rule: ``[CFG(7.5), TAG(1.15)]``, ``[APG(...), TAG()]``.
     """
 
-    deprecated_arguments = {"eta": "tangential_scale"}
+    renamed = {"eta": "tangential_scale"}
 
     def __init__(
         self, tangential_scale: float = 1.15, window: Sequence[float] = (1000.0, 0.0), **deprecated: Any
     ) -> None:
-        values, names = renamed_arguments(TAG, deprecated, TAG.deprecated_arguments, tangential_scale=tangential_scale)
+        values, names = renamed_arguments(TAG, deprecated, TAG.renamed, tangential_scale=tangential_scale)
         self.tangential_scale = check_number(
             names["tangential_scale"], values["tangential_scale"], low=0.0, low_open=True
         )

@@ -77,8 +77,7 @@ class TAGCFG(Guidance):
     """
 
     scale_low = 0.0
-
-    deprecated_arguments = {"eta": "tangential_weight"}
+    renamed = {"eta": "tangential_weight"}
 
     required_branches = frozenset({"cond", "uncond"})
 
@@ -90,9 +89,7 @@ class TAGCFG(Guidance):
         delta: float = 1e-4,
         **deprecated: Any,
     ) -> None:
-        values, names = renamed_arguments(
-            TAGCFG, deprecated, TAGCFG.deprecated_arguments, tangential_weight=tangential_weight
-        )
+        values, names = renamed_arguments(TAGCFG, deprecated, TAGCFG.renamed, tangential_weight=tangential_weight)
         self.guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
         self.tangential_weight = check_number(names["tangential_weight"], values["tangential_weight"], low=0.0)
         self.adaptive = check_bool("adaptive", adaptive)

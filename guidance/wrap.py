@@ -5,23 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from guidance.base import Guidance
-from guidance.registry import resolve_guidance
+from guidance.registry import guidance_class, resolve_guidance, scale_of, scale_parameter
 
 
 def resolve_base(base: Any, guidance_scale: float | None, wrapper: str) -> Guidance:
     """The rule ``wrapper`` wraps, from a module, a registered name or a config dict.
 
-    A name is built with ``guidance_scale`` (when given); otherwise ``guidance_scale`` is only checked against the
-    rule's own scale. The wrapped rule must be a combine rule: a module with ``prepare_noise`` or ``after_step``
+    A name is built with ``guidance_scale`` as its strength (when given; GFCG's ``confusion_scale``); otherwise
+    ``guidance_scale`` is only checked against the rule's own strength. The wrapped rule must be a combine rule: a module with ``prepare_noise`` or ``after_step``
     belongs next to the wrapper in a list, not inside it.
     """
     if isinstance(base, str) and not base.lstrip().startswith(("{", "[")) and guidance_scale is not None:
-        rule = resolve_guidance({"name": base, "guidance_scale": guidance_scale})
+        argument = scale_parameter(guidance_class(base)) or "guidance_scale"
+        rule = resolve_guidance({"name": base, argument: guidance_scale})
     else:
         rule = resolve_guidance(base)
-    scale = getattr(rule, "guidance_scale", None)
+    scale = scale_of(rule)
     if guidance_scale is not None and scale != guidance_scale:
-        raise ValueError(f"guidance_scale={guidance_scale} contradicts the base rule's guidance_scale={scale}")
+        name = scale_parameter(type(rule)) or "guidance_scale"
+        raise ValueError(f"guidance_scale={guidance_scale} contradicts the base rule's {name}={scale}")
     for hook in ("prepare_noise", "after_step"):
         if rule.uses(hook):
             raise ValueError(

@@ -15,7 +15,7 @@ from diffusers.utils import BaseOutput
 
 from guidance.base import Guidance
 from guidance.cfg import CFG
-from guidance.registry import parse_guidance, resolve_guidance, takes
+from guidance.registry import guidance_class, parse_guidance, resolve_guidance, scale_parameter
 from pipelines.attach import Attachment, GuidancePipelineMixin
 from pipelines.families import family_of
 from pipelines.run import RunReport
@@ -50,7 +50,8 @@ def pipeline_guidance(
 
     ``guidance=None`` is diffusers' own CFG with ``guidance_scale`` and ``guidance_rescale`` (so the parent's arguments
     keep their meaning). A guidance string (a registered name, ``a+b`` compositions, ``name@key=value`` terms) is built
-    with ``guidance_scale`` where a constructor takes one. A module, config dict, JSON or list is used as given and
+    with ``guidance_scale`` as the strength of the rules that have one (:attr:`Guidance.scale_argument`: CFG's w,
+    GFCG's lambda). A module, config dict, JSON or list is used as given and
     carries its own scale: passing ``guidance_scale`` too is an error.
     """
     scale = default_scale if guidance_scale is None else guidance_scale
@@ -63,8 +64,9 @@ def pipeline_guidance(
     if isinstance(guidance, str) and not guidance.lstrip().startswith(("{", "[")):
         _, config = parse_guidance(guidance, scale)
         names = [part["name"] for part in (config if isinstance(config, list) else [config])]
-        if guidance_scale is not None and not any(takes(name, "guidance_scale") for name in names):
-            raise ValueError(f"guidance {guidance!r} takes no guidance_scale; got guidance_scale={guidance_scale}")
+        if guidance_scale is not None and not any(scale_parameter(guidance_class(name)) for name in names):
+            raise ValueError(f"guidance {guidance!r} takes no guidance_scale (no rule in it has a strength to set); "
+                             f"got guidance_scale={guidance_scale}")
         return resolve_guidance(guidance, guidance_scale=scale)
     if guidance_scale is not None:
         raise ValueError(

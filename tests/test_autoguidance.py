@@ -195,11 +195,11 @@ def test_gfcg_with_the_reference_forced_to_the_target_is_autoguidance_exactly(sc
     labels = torch.zeros(6, dtype=torch.long)
     bad = MixtureNet(widened(mixture))
     plain = sample(mixture, scheduler, AutoGuidance(2.5, model=bad), labels)
-    forced = GFCG(Agreeing(), reference="include_target", guidance_scale=5.0, autoguidance=AutoGuidance(2.5, model=bad))
+    forced = GFCG(Agreeing(), reference="include_target", confusion_scale=5.0, autoguidance=AutoGuidance(2.5, model=bad))
     result = sample(mixture, scheduler, forced, labels)
     assert torch.equal(result.latents, plain.latents)
     assert result.nfe == 2 * STEPS and result.nfe_per_network == {"main": STEPS, "guiding": STEPS}
-    off = GFCG(Bayes(mixture), guidance_scale=0.0, autoguidance=AutoGuidance(2.5, model=bad))
+    off = GFCG(Bayes(mixture), confusion_scale=0.0, autoguidance=AutoGuidance(2.5, model=bad))
     assert torch.equal(sample(mixture, scheduler, off, labels).latents, plain.latents)
 
 
@@ -238,7 +238,7 @@ def test_gfcg_autoguidance_matches_a_reference_written_from_the_spec(scheduler, 
     mixture = three_class(scheduler)
     bad_mixture = widened(mixture)
     labels = torch.tensor([0, 1, 2] * 4)
-    rule = GFCG(Bayes(mixture), guidance_scale=2.0, w_max=4.0, reference=reference, autoguidance=AutoGuidance(
+    rule = GFCG(Bayes(mixture), confusion_scale=2.0, w_max=4.0, reference=reference, autoguidance=AutoGuidance(
         1.8, model=MixtureNet(bad_mixture)), autoguidance_form=form)
     result = sample(mixture, scheduler, rule, labels)
     expected, active = reference_gfcg_autoguidance(mixture, bad_mixture, scheduler, labels, 1.8, 2.0, 4.0, form,
@@ -267,7 +267,7 @@ def test_gfcg_on_top_of_autoguidance_raises_bayes_accuracy(scheduler):
     accuracy = {}
     for name, rule in {
         "autoguidance": AutoGuidance(2.0, model=bad),
-        "gfcg+autoguidance": GFCG(Bayes(mixture), guidance_scale=2.0, autoguidance=AutoGuidance(2.0, model=bad)),
+        "gfcg+autoguidance": GFCG(Bayes(mixture), confusion_scale=2.0, autoguidance=AutoGuidance(2.0, model=bad)),
     }.items():
         samples = sample(mixture, scheduler, rule, labels).latents
         accuracy[name] = (mixture.bayes_logits(samples).argmax(1) == labels).double().mean().item()

@@ -179,7 +179,7 @@ def test_autoguidance_and_gfcg_on_top_of_it_get_the_guiding_model(tiny: Path, tm
     assert table["autoguidance"]["nfe_per_image"] == table["gfcg+autoguidance"]["nfe_per_image"] == 2 * 3
     nested = table["gfcg+autoguidance"]["config"]
     assert nested["name"] == "gfcg" and nested["autoguidance"]["name"] == "autoguidance"
-    assert nested["guidance_scale"] == nested["autoguidance"]["guidance_scale"] == 2.0
+    assert nested["confusion_scale"] == nested["autoguidance"]["guidance_scale"] == 2.0  # each rule's strength
     meta = json.loads((out / "results.json").read_text())
     assert meta["supplied_arguments"]["model"].startswith(str(tiny / "model"))
     assert main([*args, "-o", str(tmp_path / "other")]) == 2

@@ -161,13 +161,13 @@ def test_zero_scale_combine_is_the_conditional_prediction_bitwise():
 # -- the module in the loop ------------------------------------------------------------------------------------------
 
 
-def test_zero_guidance_scale_equals_unguided_run_bitwise(mixture, scheduler, classifier):
+def test_zero_confusion_scale_equals_unguided_run_bitwise(mixture, scheduler, classifier):
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     plain = sample(mixture, scheduler, Guidance(), labels)
-    off = sample(mixture, scheduler, GFCG(classifier, guidance_scale=0.0), labels)
+    off = sample(mixture, scheduler, GFCG(classifier, confusion_scale=0.0), labels)
     assert torch.equal(off.latents, plain.latents) and off.nfe == STEPS
     cfg = sample(mixture, scheduler, CFG(2.0), labels)
-    off_cfg = sample(mixture, scheduler, GFCG(classifier, guidance_scale=0.0, cfg_scale=2.0), labels)
+    off_cfg = sample(mixture, scheduler, GFCG(classifier, confusion_scale=0.0, cfg_scale=2.0), labels)
     assert torch.equal(off_cfg.latents, cfg.latents) and off_cfg.nfe == 2 * STEPS
 
 
@@ -179,7 +179,7 @@ def test_include_target_with_a_classifier_that_agrees_skips_the_reference(mixtur
             return torch.tensor([5.0, 0.0, 0.0]).expand(x.shape[0], 3)
 
     labels = torch.zeros(4, dtype=torch.long)
-    gfcg = GFCG(Agreeing(), reference="include_target", guidance_scale=5.0)
+    gfcg = GFCG(Agreeing(), reference="include_target", confusion_scale=5.0)
     result = sample(mixture, scheduler, gfcg, labels)
     assert torch.equal(result.latents, sample(mixture, scheduler, Guidance(), labels).latents)
     assert result.nfe == STEPS
@@ -498,7 +498,7 @@ def test_non_finite_classifier_logits_are_refused(mixture, scheduler):
 
 
 def test_config_round_trip_without_the_classifier(classifier):
-    gfcg = GFCG(classifier, guidance_scale=1.5, scale_rule="ratio", reference="include_target", w_max=3.0,
+    gfcg = GFCG(classifier, confusion_scale=1.5, scale_rule="ratio", reference="include_target", w_max=3.0,
                 sigma_window=(0.1, 5.0), cfg_scale=2.0, classifier_input="previous", recompute_at_second_stage=False)
     config = gfcg.config()
     assert "classifier" not in config and config["name"] == "gfcg" and "gfcg" in available_guidance()
@@ -518,7 +518,7 @@ def test_config_round_trip_without_the_classifier(classifier):
     [
         ({"classifier": None}, ValueError, "classifier="),
         ({"classifier": lambda x: x}, TypeError, "classifier must be a torch.nn.Module"),
-        ({"guidance_scale": -1.0}, ValueError, r"guidance_scale must be in \[0.0, inf\]"),
+        ({"confusion_scale": -1.0}, ValueError, r"confusion_scale must be in \[0.0, inf\]"),
         ({"scale_rule": "softmax"}, ValueError, "scale_rule must be one of 'ratio', 'one_minus_p', 'indicator'"),
         ({"reference": "random"}, ValueError, "reference must be one of"),
         ({"w_max": 0.0}, ValueError, r"w_max must be in \(0.0, inf\]"),
@@ -537,7 +537,7 @@ def test_bad_arguments(classifier, kwargs, error, match):
 
 def test_pipeline_name_without_classifier_is_refused():
     with pytest.raises(ValueError, match="GFCG needs classifier="):
-        get_guidance("gfcg", guidance_scale=2.0)
+        get_guidance("gfcg", confusion_scale=2.0)
 
 
 def test_classifier_output_size_must_match_the_label_set(mixture, scheduler):

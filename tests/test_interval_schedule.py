@@ -205,6 +205,17 @@ def test_constant_schedule_equals_the_base_rule_bit_for_bit(mixture, scheduler, 
     assert [s for _, _, s in rule.scale_history] == [rule.guidance_scale] * STEPS
 
 
+def test_schedule_sets_gfcg_lambda_not_a_cfg_scale(mixture, scheduler):
+    """A schedule on GFCG varies its strength, lambda (``confusion_scale``): lambda 0 at every step is CFG at GFCG's
+    cfg_scale, bit for bit (GFCG at lambda 0 is exactly CFG), not GFCG at its default lambda."""
+    rule = ScaleSchedule(gfcg_rule(mixture), lambda index, count, sigma: 0.0)
+    scheduled = sample(mixture, scheduler, rule, LABELS, steps=STEPS)
+    cfg = sample(mixture, scheduler, CFG(2.0), LABELS, steps=STEPS)
+    default = sample(mixture, scheduler, gfcg_rule(mixture), LABELS, steps=STEPS)
+    assert torch.equal(scheduled.latents, cfg.latents) and not torch.equal(default.latents, cfg.latents)
+    assert rule.guidance_scale == rule.base.confusion_scale == 2.0  # restored after every call
+
+
 def test_callable_schedule_receives_step_index_num_steps_and_noise_level(mixture, scheduler):
     calls = []
 

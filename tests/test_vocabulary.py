@@ -118,12 +118,12 @@ def test_linear_ag_by_name_fails_with_what_to_pass():
 
 def test_gfcg_by_name_fails_with_what_to_pass():
     for attempt in (lambda: get_guidance("gfcg"), lambda: resolve_guidance("gfcg"),
-                    lambda: from_config({"name": "gfcg", "guidance_scale": 2})):
+                    lambda: from_config({"name": "gfcg", "confusion_scale": 2})):
         with pytest.raises(ValueError, match="GFCG needs classifier=: a torch.nn.Module"):
             attempt()
     net = torch.nn.Linear(64, 10)
     rule = resolve_guidance("gfcg", guidance_scale=1.5, inputs={"classifier": net})  # supplied inputs fill the gap
-    assert isinstance(rule, GFCG) and rule.classifier is net and rule.guidance_scale == 1.5
+    assert isinstance(rule, GFCG) and rule.classifier is net and rule.confusion_scale == 1.5
 
 
 def test_attach_reads_guidance_strings_with_the_same_resolver(tmp_path):
@@ -154,6 +154,40 @@ def test_rules_compare_equal_when_their_configs_are_equal():
     assert GFCG(net) == GFCG(net) and GFCG(net) != GFCG(torch.nn.Linear(64, 10))  # networks compare by identity
     assert hash(GFCG(net)) == hash(GFCG(net))
 
+
+
+def test_gfcg_lambda_has_its_own_name_and_the_old_keyword_still_works():
+    """``guidance_scale`` is CFG's w everywhere; GFCG's lambda is ``confusion_scale`` (old keyword: a warning)."""
+    net = torch.nn.Linear(64, 10)
+    with pytest.warns(FutureWarning, match="confusion_scale"):
+        old = GFCG(net, guidance_scale=1.5)
+    assert old == GFCG(net, confusion_scale=1.5) and old.confusion_scale == 1.5
+    assert "guidance_scale" not in old.config() and old.config()["confusion_scale"] == 1.5
+    with pytest.warns(FutureWarning):
+        rebuilt = from_config({"name": "gfcg", "guidance_scale": 0.5, "classifier": net})
+    assert rebuilt.confusion_scale == 0.5
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"guidance_scale must be in \[0.0, inf\]"):
+        GFCG(net, guidance_scale=-1.0)  # the error names the keyword as passed
+    with pytest.raises(ValueError, match="not both"):
+        GFCG(net, confusion_scale=1.0, guidance_scale=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        GFCG(net, confusion_scal=1.0)
+    # the tools' scale is each rule's strength: lambda for GFCG, w for the Autoguidance nested in it
+    nested = resolve_guidance("gfcg+autoguidance", guidance_scale=3.0, inputs={"classifier": net, "model": net})
+    assert nested.confusion_scale == 3.0 and nested.autoguidance.guidance_scale == 3.0 and nested.cfg_scale is None
+
+
+def test_guidance_scale_means_only_the_cfg_like_w():
+    """A rule whose strength is not a CFG-like w names it otherwise and takes no ``guidance_scale`` (so the word
+    keeps one meaning across the library); every declared strength is a real constructor argument."""
+    from guidance.registry import available_guidance, constructor_parameters, guidance_class
+
+    for name in available_guidance():
+        cls = guidance_class(name)
+        params = constructor_parameters(cls)
+        if cls.scale_argument != "guidance_scale":
+            assert cls.scale_argument in params and "guidance_scale" not in params, name
+        assert set(cls.renamed.values()) <= set(params) and not set(cls.renamed) & set(params), name
 
 
 # ------------------------------------------------------------------------------------- one word per concept: eta
@@ -195,4 +229,4 @@ def test_no_registered_rule_takes_an_argument_named_eta():
     offenders = {name: cls.__name__ for name, cls in _REGISTRY.items()
                  if "eta" in inspect.signature(cls.__init__).parameters}
     assert offenders == {}
-    assert {cls.__name__ for cls in _REGISTRY.values() if "eta" in cls.deprecated_arguments} == {"APG", "TAG", "TAGCFG"}
+    assert {cls.__name__ for cls in _REGISTRY.values() if "eta" in cls.renamed} == {"APG", "TAG", "TAGCFG"}

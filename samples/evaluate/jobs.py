@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from guidance import Guidance, available_guidance, resolve_guidance
-from guidance.registry import guidance_class, guidance_label, nested_specs, parse_guidance, supply, takes
+from guidance.registry import guidance_class, guidance_label, nested_specs, parse_guidance, scale_parameter, supply, takes
 from guidance.spec import parse_term
 from pipelines import GuidedClassConditionalPipeline
 from pipelines.families import decode_latents
@@ -76,8 +76,9 @@ class Cell:
 
 
 def _has_scale(name: str) -> bool:
-    """Whether a rule takes the scale: as ``guidance_scale``, or through coefficients fitted at it (LinearAG)."""
-    return takes(name, "guidance_scale") or takes(name, "coefficients")
+    """Whether a rule takes the scale: as its strength (``guidance_scale``, GFCG's ``confusion_scale``), or through
+    coefficients fitted at it (LinearAG)."""
+    return scale_parameter(guidance_class(name)) is not None or takes(name, "coefficients")
 
 
 def default_methods() -> list[str]:
