@@ -209,8 +209,9 @@ class GFCG(Guidance):
     ``scale`` (``w_t``) and ``target_prob`` (``p_c``; NaN where it did not run), as tensors on the samples' device
     (recording them reads nothing back to the host).
 
-    Host reads per evaluation where the classifier runs: the loop reads which rows need the reference branch (the
-    per-sample decision, as Adaptive Guidance's switch) and :func:`classifier_logits` checks the logits are finite.
+    Host reads per evaluation where the classifier runs (``tests/test_host_sync.py`` counts them): the loop reads
+    which rows need the reference branch (the per-sample decision, as Adaptive Guidance's switch) and checks the
+    reference labels' range, and :func:`classifier_logits` checks the logits are finite.
 
     Cost per evaluation: 1 conditional NFE, 1 reference NFE for every sample with ``w_t > 0`` (so 2 per step, 3 with
     CFG; with Autoguidance 2, one of each network), 1 classifier forward and 1 ``decode`` (a VAE decode for latent

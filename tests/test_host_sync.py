@@ -6,7 +6,7 @@ waits for the device. Checked on the CPU by counting those calls made from this 
 our loop and through ``attach``: the count must not grow with the number of steps (what remains is per run: reading
 the scheduler's tables once, the non-finite check's read-back every 10 evaluations and at the end). Rules that decide
 per sample which rows to evaluate (AG's switch, GFCG's reference rows) or validate a user callback's output at every
-evaluation (DynamicCFG's scorer) read back by design and are not listed.
+evaluation (DynamicCFG's scorer) read back by design; GFCG's reads are counted against the three it documents.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
-from guidance import APG, CFG, TAG, TAGCFG
+from guidance import APG, CFG, GFCG, TAG, TAGCFG
 from pipelines import attach
 from tests.tag_nlg_fakes import tiny_class_pipeline
 from tiny import one_thread  # noqa: F401
@@ -103,3 +103,20 @@ def test_the_counter_sees_a_per_step_read():
     code = Reading.combine.__code__
     Reading.combine.__code__ = code.replace(co_filename=str(Path(OURS[0]) / "reading.py"))
     assert reads(run, 8) - reads(run, 4) == 4
+
+
+def test_gfcg_reads_back_only_its_documented_three_per_evaluation():
+    """GFCG decides per sample which rows need the reference branch, so it reads back by design, but only: the rows
+    (the loop), the reference labels' range check (one read), the classifier's finite check; nothing per sample
+    for its diagnostics or its combination. The one read more over 4 extra steps is the loop's non-finite check,
+    read back every 10 forwards (GFCG makes two per evaluation)."""
+    pipe = tiny_class_pipeline(EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+
+    def run(steps):
+        rule = GFCG(classifier)
+        pipe([1, 2], guidance=rule, num_inference_steps=steps, output_type="latent")
+        assert all(record["scale"].gt(0).all() for record in rule.history)  # the reference runs at every evaluation
+
+    assert reads(run, 8) - reads(run, 4) == 3 * 4 + 1
