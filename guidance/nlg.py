@@ -13,8 +13,9 @@ Sampling then runs unchanged with whatever combine rule is configured (the paper
 per iteration and sample, counted by the loop.
 
 The official clip tau = 0.5 is an absolute norm, while ``||d||`` grows like sqrt(D); the default therefore scales it
-to the sample size, ``0.5 * sqrt(D / 16384)`` (:func:`scaled_norm_threshold`, the convention of APG's default norm
-threshold); :meth:`NLG.official` gives the literal official configuration.
+to the sample size, ``0.5 * sqrt(D / 36864)`` (:func:`scaled_norm_threshold`; 36,864 = 4x96x96, the latent shape of
+the official experiments, SD 2.1 at 768 px; the convention of APG's default norm threshold); :meth:`NLG.official`
+gives the literal official configuration.
 
 The direction from other prediction types, at the same input x (spaces.md §2): v-prediction
 ``eps_c - eps_u = alpha (v_c - v_u)`` (the ``sigma x`` term cancels); x0-prediction
@@ -38,21 +39,22 @@ from guidance.spaces import PREDICTION_TYPES, clip_norm, compute_dtype, per_samp
 
 #: the official noise *variance* lambda = 0.001 (``--noise_level``), as a standard deviation
 DEFAULT_NOISE_STD = math.sqrt(1e-3)
-#: the official clip tau = 0.5 and the latent size the default scales it from: SD 1.5 at 512 px (4x64x64, the
-#: official SD-1.5 notebook; the README experiment runs SD2.1 at 4x96x96, where the size-scaled default is 0.75)
+#: the official clip tau = 0.5 and the latent size the default scales it from: SD 2.1 at 768 px (4x96x96), the model
+#: of the official experiments (the README's experiment command; ``core_experiments`` hard-codes the latent shape
+#: (4, 96, 96); nlg.md §4, §6.7). The SD-1.5 notebook uses the same 0.5 at 4x64x64, where the default is 1/3.
 REFERENCE_MAX_NORM = 0.5
-REFERENCE_ELEMENTS = 4 * 64 * 64
+REFERENCE_ELEMENTS = 4 * 96 * 96
 #: where the refinement evaluates the model: the schedule's highest noise level, or the first sampling timestep
 TIMESTEPS = ("max", "first")
 
 
 def scaled_norm_threshold(elements: int) -> float:
-    """The default clip ``0.5 * sqrt(elements / 16384)`` for ``elements`` per sample (:func:`size_scaled`).
+    """The default clip ``0.5 * sqrt(elements / 36864)`` for ``elements`` per sample (:func:`size_scaled`).
 
-    ``norm_threshold`` is an absolute norm while the noise has norm sqrt(D), so the official 0.5 moves SD 1.5's noise by at
-    most 0.39 % of its norm per iteration but an 8x8 image's (D = 64) by 6 %. This keeps the relative step
-    (0.03125 for the 8x8 digits, 0.75 for SD2.1's 4x96x96, 1.0 for SDXL's 4x128x128) [not in the paper: a transfer
-    rule for other sizes].
+    ``norm_threshold`` is an absolute norm while the noise has norm sqrt(D), so the official 0.5 moves SD 2.1's
+    768-px noise by at most 0.26 % of its norm per iteration but an 8x8 image's (D = 64) by 6 %. This keeps the
+    official experiments' relative step (0.5 for SD 2.1 at 768 px, 1/3 for SD 1.5's 4x64x64, 2/3 for SDXL's
+    4x128x128, 0.0208 for the 8x8 digits) [not in the paper: a transfer rule for other sizes].
     """
     return size_scaled(REFERENCE_MAX_NORM, elements, REFERENCE_ELEMENTS)
 
@@ -102,10 +104,10 @@ class NLG(Guidance):
         steps: refinement iterations K >= 0 (0: off, the noise is returned untouched).
         step_size: > 0, multiplies the clipped direction (official 1.0).
         norm_threshold: per-sample clip tau >= 0 of the direction, in eps units, absolute; 0 turns the clip off. ``None``
-            (default) scales the official tau = 0.5 to the sample size, ``0.5 * sqrt(D / 16384)`` for D elements per
-            sample (:func:`scaled_norm_threshold`; tuned on: SD 1.5 at 512 px, 4x64x64): 0.5 for SD 1.5, 0.75 for SD2.1 at
-            768 px, 1.0 for SDXL, 0.03125 for the 8x8 digits model. The same name and convention as APG's clip
-            (``max_norm=`` is accepted as a deprecated alias).
+            (default) scales the official tau = 0.5 to the sample size, ``0.5 * sqrt(D / 36864)`` for D elements per
+            sample (:func:`scaled_norm_threshold`; tuned on: SD 2.1 at 768 px, 4x96x96, the official experiments):
+            0.5 for SD 2.1 at 768 px, 1/3 for SD 1.5 at 512 px, 2/3 for SDXL, 0.0208 for the 8x8 digits model. The same
+            name and convention as APG's clip (``max_norm=`` is accepted as a deprecated alias).
         noise_std: standard deviation >= 0 of the fresh Gaussian perturbation per iteration (0: none). The paper's
             code calls it a *variance*, lambda = 0.001, so the default is sqrt(0.001) ~ 0.0316.
         renormalize: rescale each sample to norm sqrt(D) after every iteration (official: on; a zero vector stays

@@ -107,3 +107,23 @@ def test_autoguidance_smoke_run_writes_every_configuration_and_the_claims(tmp_pa
     table = (tmp_path / "autoguidance.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and "Claim 1" in table and "Claim 2" in table
     assert (tmp_path / "autoguidance.png").stat().st_size > 0
+
+
+def test_nlg_default_smoke_run_writes_every_row_the_pooled_ratios_and_the_verdict(tmp_path):
+    """Two tiny seed sets on the committed weak checkpoint: the table has every row (the default clip is 0.5 scaled
+    from 4x96x96 to 64 elements), the base's ratios are 1, NLG's NFE include its 20 refinement iterations, and the
+    verdict on the bar is printed."""
+    import csv
+    import re
+
+    from benchmarks.nlg_default import main as nlg_default
+
+    out = tmp_path / "nlg"
+    nlg_default(["--sets", "2", "--per-class", "3", "--steps", "2", "--out", str(out)])
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [row["method"].split(" (")[0].split(",")[0] for row in rows] == [
+        "base", "NLG default", "NLG tau=0.0312", "NLG tau=0.0156"]
+    assert float(rows[0]["pooled_ratio"]) == 1.0 and float(rows[0]["ratio_sd"]) == 0.0
+    assert "tau=0.0208" in rows[1]["method"] and float(rows[1]["nfe"]) == 2 + 2 * 20
+    table = out.with_suffix(".md").read_text()
+    assert re.search(r"^Bar \(issue 17.*at the default: (holds|does not hold) \(", table, re.MULTILINE)

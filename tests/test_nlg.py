@@ -304,16 +304,18 @@ def test_pipeline_nfe_and_refusal_without_an_unconditional_branch():
 # ---------------------------------------------------------------- size-scaled default clip (issue 17)
 
 
-def test_default_clip_is_the_official_tau_at_sd15_size_and_scales_as_sqrt_d():
+def test_default_clip_is_the_official_tau_at_the_official_experiments_size_and_scales_as_sqrt_d():
+    """0.5 at SD 2.1's 768-px latents (4x96x96, the official experiments' shape), sqrt(D) scaling elsewhere."""
     assert NLG().norm_threshold is None
-    assert NLG().threshold_for(torch.zeros(2, 4, 64, 64)) == 0.5  # SD 1.5 at 512 px: the official value
-    for shape in ((1, 8, 8), (4, 96, 96), (4, 128, 128), (16, 32, 32)):
+    assert NLG().threshold_for(torch.zeros(2, 4, 96, 96)) == 0.5  # SD 2.1 at 768 px: the official value
+    for shape in ((1, 8, 8), (4, 64, 64), (4, 128, 128), (16, 32, 32)):
         elements = math.prod(shape)
-        assert NLG().threshold_for(torch.zeros(1, *shape)) == pytest.approx(0.5 * math.sqrt(elements / 16384))
-    assert NLG().threshold_for(torch.zeros(3, 1, 8, 8)) == pytest.approx(0.5 / 16)
+        assert NLG().threshold_for(torch.zeros(1, *shape)) == pytest.approx(0.5 * math.sqrt(elements / 36864))
+    assert NLG().threshold_for(torch.zeros(3, 1, 8, 8)) == pytest.approx(0.5 / 24)
+    assert NLG().threshold_for(torch.zeros(1, 4, 64, 64)) == pytest.approx(1 / 3)  # SD 1.5 at 512 px
     assert NLG(norm_threshold=0.5).threshold_for(torch.zeros(1, 1, 8, 8)) == 0.5  # an explicit value stays absolute
     assert NLG(norm_threshold=0.0).threshold_for(torch.zeros(1, 1, 8, 8)) is None  # 0: no clip
-    assert scaled_norm_threshold(16384) == 0.5 and scaled_norm_threshold(4 * 128 * 128) == pytest.approx(1.0)
+    assert scaled_norm_threshold(36864) == 0.5 and scaled_norm_threshold(4 * 128 * 128) == pytest.approx(2 / 3)
 
 
 def test_official_configuration_is_the_literal_official_values():
