@@ -180,7 +180,7 @@ def supply(config: Any, inputs: Mapping[str, Any], names: Iterable[str] | None =
     used = set().union(*(names_ for _, names_ in filled.values()))
     name = out.get("name")
     if isinstance(name, str) and name in _REGISTRY:
-        params = constructor_parameters(_REGISTRY[name])
+        params = {*constructor_parameters(_REGISTRY[name]), *_REGISTRY[name].renamed}  # old names warn when built
         for argument in wanted:
             if argument in params and argument not in out:
                 used.add(argument)

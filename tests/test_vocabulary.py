@@ -230,3 +230,12 @@ def test_no_registered_rule_takes_an_argument_named_eta():
                  if "eta" in inspect.signature(cls.__init__).parameters}
     assert offenders == {}
     assert {cls.__name__ for cls in _REGISTRY.values() if "eta" in cls.renamed} == {"APG", "TAG", "TAGCFG"}
+
+
+def test_an_old_keyword_reaches_its_rule_in_a_composed_name():
+    """``get_guidance("nlg+tag", eta=1.3)`` gives TAG's old keyword to TAG (with the warning), as for a single name."""
+    with pytest.warns(FutureWarning, match="tangential_scale"):
+        rule = get_guidance("nlg+tag", eta=1.3)
+    assert rule == ComposedGuidance([NLG(), TAG(tangential_scale=1.3)])
+    with pytest.raises(ValueError, match="no module takes 'eta'"):
+        get_guidance("nlg+cfg", eta=1.3)
