@@ -21,13 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
-
-from benchmarks.tag_nlg import sample
+from benchmarks.tag_nlg import ddim_pipeline, sample
 from guidance import CFG, NLG, Guidance, resolve_guidance
 from guidance.nlg import scaled_norm_threshold
 from guidance.spaces import size_scaled
-from pipelines.class_conditional import GuidedClassConditionalPipeline
 from samples.digits.data import NUM_CLASSES, load_digits_split
 from samples.digits.nets import load_evaluator
 from samples.metrics.frechet import frechet_distance
@@ -61,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    pipe = GuidedClassConditionalPipeline.from_pretrained(args.model, dtype=torch.float32)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = ddim_pipeline(args.model)
     evaluator = load_evaluator()
     with torch.no_grad():
         real = evaluator.features(load_digits_split().test_images)

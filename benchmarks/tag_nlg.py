@@ -73,6 +73,14 @@ def sample(
     return torch.cat(images), sum(nfe) / len(nfe)
 
 
+def ddim_pipeline(model: str) -> GuidedClassConditionalPipeline:
+    """The class-conditional pipeline at ``model`` with deterministic DDIM (``clip_sample=False``), quiet, float32."""
+    pipe = GuidedClassConditionalPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "samples/weights/digits"), help="pipeline folder")
@@ -92,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    pipe = GuidedClassConditionalPipeline.from_pretrained(args.model, dtype=torch.float32)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = ddim_pipeline(args.model)
     evaluator = load_evaluator(args.evaluator)
     data = load_digits_split()
     with torch.no_grad():
